@@ -1,0 +1,62 @@
+"""Model zoo: every model of the paper by name.
+
+    model = create_model("nxst_cnn", backbone="resnet10t", num_streams=2, input_size=448)
+    list_models()  # all names
+
+Each model module registers its factories with `@register_model`. Every model exposes
+`parameter_groups() -> {role: [params]}` (roles such as `localisation`, `streams`, `backbone`,
+`head`; each parameter in exactly one group) and a `task` attribute (`classification`: logits
+(B, num_classes); `sequence`: logits (B, 5, 11)). Attention models also expose `num_streams` and
+`attend(x) -> {"theta", "boxes", "crops"}` for logging and pictures.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List
+
+import torch.nn as nn
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"model '{fn.__name__}' registered twice")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> List[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model '{name}'; known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+def build_model(model_cfg: Any) -> nn.Module:
+    """A model from a `ModelConfig`: the fields the factory accepts, plus `extra`.
+
+    Fields a factory does not take (e.g. `backbone` for the SVHN CNN) are not passed.
+    """
+    _import_all()
+    if model_cfg.name not in _REGISTRY:
+        raise ValueError(f"model.name='{model_cfg.name}' is unknown; known models: {', '.join(sorted(_REGISTRY))}")
+    factory = _REGISTRY[model_cfg.name]
+    accepted = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in vars(model_cfg).items() if k in accepted and k not in ("name", "extra")}
+    for key in model_cfg.extra:
+        if key not in accepted:
+            raise ValueError(f"model.extra.{key} is not an argument of model '{model_cfg.name}'; "
+                             f"it takes: {', '.join(accepted)}")
+    kwargs.update(model_cfg.extra)
+    return factory(**kwargs)
+
+
+def _import_all() -> None:
+    # Importing the modules runs their @register_model decorators.
+    from . import digits, multistream, svhn  # noqa: F401

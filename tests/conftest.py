@@ -1,0 +1,55 @@
+"""Shared test helpers.
+
+Tests that need a service (SLURM daemons, a Ray head, shellcheck) start it themselves. Where the
+machine lacks it they skip on a laptop but FAIL under CI (CI=true): a skipped test is not a pass.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
+PYTHON = sys.executable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, what: str) -> None:
+    """Skip (laptop) or fail (CI) when a test's prerequisite is missing."""
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"CI must provide {what}")
+    pytest.skip(f"needs {what}")
+
+
+def need_program(name: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"the program '{name}' on PATH")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    need(SHARED_DATA.is_dir(), f"the shared dataset samples at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for child processes (torchrun, python -m ...) that import this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    env.update(extra)
+    return env
