@@ -1,0 +1,1 @@
+"""Models of paper A.3 (distorted MNIST): written by the digits helper."""

@@ -1,0 +1,352 @@
+"""Spatial-transformer core: sampling grids, `warp`, and the `SpatialTransformer` module.
+
+    crops = warp(x, theta, "translation", 224, scale=0.5)           # (B, C, 224, 224)
+    crops = warp_many(x, theta_bn, "translation", 224)                # (B, N, C, 224, 224)
+    st = SpatialTransformer(loc_net, 128, "translation", 224, num_transforms=2, bound="tanh")
+
+Coordinates are normalised to [-1, 1] as in `F.affine_grid(align_corners=False)`: (-1, -1) is
+the top-left corner of the image, x runs along the width. `theta` maps *output* coordinates to
+*input* coordinates (the sampling grid), for these kinds:
+
+| kind          | theta         | meaning                                                          |
+|---------------|---------------|------------------------------------------------------------------|
+| `affine`      | (B, 2, 3)     | as `F.affine_grid`                                               |
+| `attention`   | (B, 3)        | (s, tx, ty): affine [[s, 0, tx], [0, s, ty]]                     |
+| `translation` | (B, 2)        | (tx, ty): attention with the fixed scale `scale=`                |
+| `projective`  | (B, 3, 3)     | homography on homogeneous output coords, then divide by the last |
+| `tps`         | (B, K, 2)     | source positions of K control points whose output positions form |
+|               |               | a regular sqrt(K) x sqrt(K) grid on [-1, 1]^2; U(r) = r^2 log r^2 |
+
+Identity parameters (`identity_theta`) return the input unchanged when the output size equals
+the input size. Sampling always runs in float32 (float64 for float64 inputs), also under
+autocast: bilinear weights in bf16 visibly blur and shift crops. Note that `grid_sample`'s CUDA
+backward uses atomic adds and is not deterministic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ("affine", "attention", "translation", "projective", "tps")
+Size = Union[int, Sequence[int]]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def num_params(kind: str, num_control_points: int = 16) -> int:
+    """Number of scalars in one transform's theta."""
+    return {"affine": 6, "attention": 3, "translation": 2, "projective": 9,
+            "tps": 2 * num_control_points}[_check_kind(kind)]
+
+
+def theta_shape(kind: str, num_control_points: int = 16) -> Tuple[int, ...]:
+    """Shape of one transform's theta (without the batch dimension)."""
+    return {"affine": (2, 3), "attention": (3,), "translation": (2,), "projective": (3, 3),
+            "tps": (num_control_points, 2)}[_check_kind(kind)]
+
+
+def identity_theta(kind: str, batch: int, K: int = 16, *, device=None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Parameters of the identity transform, (batch, *theta_shape(kind, K))."""
+    return window_theta(kind, torch.tensor([[1.0, 0.0, 0.0]], dtype=dtype, device=device), K).expand(
+        batch, *theta_shape(kind, K)).clone()
+
+
+def window_theta(kind: str, windows: torch.Tensor, K: int = 16) -> torch.Tensor:
+    """Theta of each kind for axis-aligned square windows (..., 3) = (s, tx, ty).
+
+    For `translation` the scale column is dropped (its scale is fixed by `warp(scale=)`).
+    """
+    s, tx, ty = windows.unbind(-1)
+    zero, one = torch.zeros_like(s), torch.ones_like(s)
+    if kind == "translation":
+        return torch.stack([tx, ty], -1)
+    if kind == "attention":
+        return windows.clone()
+    if kind == "affine":
+        return torch.stack([s, zero, tx, zero, s, ty], -1).unflatten(-1, (2, 3))
+    if kind == "projective":
+        return torch.stack([s, zero, tx, zero, s, ty, zero, zero, one], -1).unflatten(-1, (3, 3))
+    if kind == "tps":
+        points = control_points(K, dtype=windows.dtype, device=windows.device)
+        return points * s[..., None, None] + torch.stack([tx, ty], -1)[..., None, :]
+    raise ValueError(_bad_kind(kind))
+
+
+def theta_to_affine(theta: torch.Tensor, kind: str, scale: float = 0.5) -> torch.Tensor:
+    """(..., 2, 3) affine matrix of an `affine`, `attention` or `translation` theta."""
+    if kind == "affine":
+        return theta
+    if kind == "translation":
+        theta = torch.cat([torch.full_like(theta[..., :1], scale), theta], -1)
+        kind = "attention"
+    if kind == "attention":
+        return window_theta("affine", theta)
+    raise ValueError(f"theta_to_affine: kind '{kind}' is not an affine map; "
+                     "expected one of affine, attention, translation")
+
+
+def control_points(K: int = 16, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(K, 2) output positions (x, y) of the TPS control points: a regular grid on [-1, 1]^2, row-major."""
+    side = math.isqrt(K)
+    if side * side != K or side < 2:
+        raise ValueError(f"tps needs a square number of control points >= 4, got K={K}")
+    lin = torch.linspace(-1.0, 1.0, side, dtype=dtype, device=device)
+    y, x = torch.meshgrid(lin, lin, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], -1)
+
+
+# ----------------------------------------------------------------------------- grids
+
+def base_grid(out_size: Size, *, align_corners: bool = False, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(h, w, 2) identity output coordinates (x, y), exactly those of `F.affine_grid`."""
+    h, w = _pair(out_size)
+    ys = _linspace(h, align_corners, dtype, device)
+    xs = _linspace(w, align_corners, dtype, device)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x, y], -1)
+
+
+def sampling_grid(theta: torch.Tensor, kind: str, out_size: Size, *, scale: float = 0.5,
+                  align_corners: bool = False) -> torch.Tensor:
+    """(B, h, w, 2) input coordinates at which output pixel (i, j) samples, in theta's dtype."""
+    _check_theta(theta, kind)
+    h, w = _pair(out_size)
+    batch = theta.shape[0]
+    if kind in ("affine", "attention", "translation"):
+        matrix = theta_to_affine(theta, kind, scale)
+        return F.affine_grid(matrix, [batch, 1, h, w], align_corners=align_corners)
+    points = base_grid((h, w), align_corners=align_corners, dtype=theta.dtype, device=theta.device).reshape(-1, 2)
+    if kind == "projective":
+        homog = torch.cat([points, torch.ones_like(points[:, :1])], -1)       # (hw, 3)
+        mapped = torch.einsum("pj,bij->bpi", homog, theta)                     # (B, hw, 3)
+        return (mapped[..., :2] / mapped[..., 2:]).reshape(batch, h, w, 2)
+    # tps: the map is linear in theta; the (hw, K) weights depend on the control grid only.
+    weights = tps_weights(points, theta.shape[1])
+    return torch.einsum("pk,bkc->bpc", weights, theta).reshape(batch, h, w, 2)
+
+
+def tps_weights(points: torch.Tensor, K: int = 16) -> torch.Tensor:
+    """(P, K) matrix W such that a TPS with control-point sources theta (K, 2) maps points to W @ theta.
+
+    Solves the standard TPS system [[U(c, c), [1, c]], [[1, c]^T, 0]] once, in float64, so that
+    identity and affine control points are reproduced exactly.
+    """
+    dtype = points.dtype
+    p = points.double()
+    ctrl = control_points(K, dtype=torch.float64, device=points.device)
+    ones_c = torch.ones(K, 1, dtype=torch.float64, device=points.device)
+    system = torch.zeros(K + 3, K + 3, dtype=torch.float64, device=points.device)
+    system[:K, :K] = _tps_kernel(ctrl, ctrl)
+    system[:K, K:] = torch.cat([ones_c, ctrl], 1)
+    system[K:, :K] = system[:K, K:].T
+    # Right-hand side [I_K; 0]: the coefficients of each control point's source position.
+    rhs = torch.zeros(K + 3, K, dtype=torch.float64, device=points.device)
+    rhs[:K] = torch.eye(K, dtype=torch.float64, device=points.device)
+    coeffs = torch.linalg.solve(system, rhs)                                   # (K+3, K)
+    rows = torch.cat([_tps_kernel(p, ctrl), torch.ones_like(p[:, :1]), p], 1)  # (P, K+3)
+    return (rows @ coeffs).to(dtype)
+
+
+def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d2 = (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+    return torch.where(d2 > 0, d2 * torch.log(d2.clamp_min(1e-30)), torch.zeros_like(d2))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def warp(x: torch.Tensor, theta: torch.Tensor, kind: str, out_size: Size, *, scale: float = 0.5,
+         align_corners: bool = False, padding_mode: str = "zeros") -> torch.Tensor:
+    """Sample x (B, C, H, W) bilinearly at the grid of `theta`; returns (B, C, *out_size) in x's dtype."""
+    if x.dim() != 4 or theta.shape[0] != x.shape[0]:
+        raise ValueError(f"warp: expected x (B, C, H, W) and theta with the same batch, got x "
+                         f"{tuple(x.shape)} and theta {tuple(theta.shape)}")
+    work = _work_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        grid = sampling_grid(theta.to(work), kind, out_size, scale=scale, align_corners=align_corners)
+        out = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode=padding_mode,
+                            align_corners=align_corners)
+    return out.to(x.dtype)
+
+
+def warp_many(x: torch.Tensor, theta: torch.Tensor, kind: str, out_size: Size, *, scale: float = 0.5,
+              align_corners: bool = False, padding_mode: str = "zeros") -> torch.Tensor:
+    """N crops per image in one `grid_sample` call: theta (B, N, ...) -> (B, N, C, h, w).
+
+    The N grids are stacked along the output height, so the input is read in place instead of
+    being expanded to N copies (at 448 px and N = 4 that copy is most of the sampler's memory).
+    The result is a strided view of the (B, C, N*h, w) sample; `crops[:, i]` is stream i's input.
+    """
+    if x.dim() != 4 or theta.dim() < 2 or theta.shape[0] != x.shape[0]:
+        raise ValueError(f"warp_many: expected x (B, C, H, W) and theta (B, N, ...), got x "
+                         f"{tuple(x.shape)} and theta {tuple(theta.shape)}")
+    batch, n = theta.shape[:2]
+    h, w = _pair(out_size)
+    work = _work_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        grid = sampling_grid(theta.to(work).flatten(0, 1), kind, (h, w), scale=scale, align_corners=align_corners)
+        grid = grid.reshape(batch, n * h, w, 2)
+        out = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode=padding_mode,
+                            align_corners=align_corners)
+    return out.to(x.dtype).unflatten(2, (n, h)).transpose(1, 2)
+
+
+def window_boxes(theta: torch.Tensor, kind: str, scale: float = 0.5) -> torch.Tensor:
+    """Bounding boxes (..., 4) = [x0, y0, x1, y1] in input coords [-1, 1] of the warped output square.
+
+    Works for any leading shape of theta (e.g. (B, N, 3) -> (B, N, 4)). For `tps` the box is that of
+    the warped border sampled at 33 points per side.
+    """
+    lead = theta.shape[:theta.dim() - len(theta_shape(kind, theta.shape[-2] if kind == "tps" else 16))]
+    flat = theta.reshape(-1, *theta.shape[len(lead):])
+    if kind in ("affine", "attention", "translation"):
+        matrix = theta_to_affine(flat, kind, scale)
+        centre = matrix[..., 2]
+        half = matrix[..., :2].abs().sum(-1)                    # the corners' largest offsets
+        boxes = torch.cat([centre - half, centre + half], -1)
+    else:
+        border = _square_border(33, flat.dtype, flat.device)
+        if kind == "projective":
+            homog = torch.cat([border, torch.ones_like(border[:, :1])], -1)
+            mapped = torch.einsum("pj,bij->bpi", homog, flat)
+            mapped = mapped[..., :2] / mapped[..., 2:]
+        else:
+            mapped = torch.einsum("pk,bkc->bpc", tps_weights(border, flat.shape[1]), flat)
+        boxes = torch.cat([mapped.amin(1), mapped.amax(1)], -1)
+    return boxes.reshape(*lead, 4)
+
+
+def _square_border(per_side: int, dtype, device) -> torch.Tensor:
+    t = torch.linspace(-1.0, 1.0, per_side, dtype=dtype, device=device)
+    one = torch.ones_like(t)
+    return torch.cat([torch.stack([t, -one], 1), torch.stack([t, one], 1),
+                      torch.stack([-one, t], 1), torch.stack([one, t], 1)])
+
+
+# ----------------------------------------------------------------------------- module
+
+def tiling_windows(num: int, scale: float) -> torch.Tensor:
+    """(num, 3) initial windows (s, tx, ty) whose centres tile the image plane.
+
+    The plane is cut into rows x cols cells (N=2: left | right; N=4: 2 x 2; N=3: a row of three);
+    window i is centred on cell i's centre pulled in by (1 - s), so every window lies inside the
+    image and the centres stay strictly inside the range a tanh bound can reach.
+    """
+    if num < 1:
+        raise ValueError(f"need at least one transform, got num={num}")
+    rows = math.isqrt(num)
+    while num % rows:
+        rows -= 1
+    cols = num // rows
+    cy, cx = torch.meshgrid(_linspace(rows, False, torch.float64, None),
+                            _linspace(cols, False, torch.float64, None), indexing="ij")
+    centres = torch.stack([cx.reshape(-1), cy.reshape(-1)], -1) * (1.0 - scale)
+    return torch.cat([torch.full((num, 1), float(scale), dtype=torch.float64), centres], 1)
+
+
+class SpatialTransformer(nn.Module):
+    """Localisation net -> parameter head -> `warp`, for N transforms predicted by one localisation net.
+
+    `localisation` maps the localisation input to (B, features). The head is a linear layer with
+    zero weights whose bias encodes the initial transforms: the identity for one transform with
+    `scale=1`, otherwise windows of side `scale` whose centres tile the image (`tiling_windows`).
+    `bound="tanh"` keeps `translation` windows inside the image (|t| < 1 - scale) and, for
+    `attention`, keeps s in (0, 1) with the window inside the image.
+    """
+
+    def __init__(self, localisation: nn.Module, features: int, kind: str, out_size: Size, *,
+                 num_transforms: int = 1, scale: float = 0.5, num_control_points: int = 16,
+                 bound: Optional[str] = None, align_corners: bool = False, padding_mode: str = "zeros"):
+        super().__init__()
+        _check_kind(kind)
+        if bound not in (None, "tanh"):
+            raise ValueError(f"bound={bound!r} is not one of None, 'tanh'")
+        if bound and kind not in ("translation", "attention"):
+            raise ValueError(f"bound='tanh' applies to translation and attention windows, not kind '{kind}'")
+        if bound and not 0.0 < scale < 1.0:
+            raise ValueError(f"bound='tanh' needs a window scale in (0, 1), got scale={scale}")
+        self.localisation = localisation
+        self.kind, self.out_size, self.scale, self.bound = kind, _pair(out_size), float(scale), bound
+        self.num_transforms, self.num_control_points = num_transforms, num_control_points
+        self.align_corners, self.padding_mode = align_corners, padding_mode
+        self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.copy_(self._raw_from_windows(tiling_windows(num_transforms, scale)).reshape(-1))
+
+    def initial_theta(self) -> torch.Tensor:
+        """(N, *theta_shape) transforms the module predicts at initialisation (for any input)."""
+        return self._bounded(self.head.bias.detach().reshape(1, self.num_transforms, -1))[0]
+
+    def predict(self, loc_input: torch.Tensor) -> torch.Tensor:
+        """Transform parameters (B, N, *theta_shape) from the localisation input."""
+        raw = self.head(self.localisation(loc_input)).reshape(loc_input.shape[0], self.num_transforms, -1)
+        return self._bounded(raw)
+
+    def forward(self, x: torch.Tensor, loc_input: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(crops (B, N, C, h, w), theta (B, N, ...)); the localisation net sees `loc_input` (default x)."""
+        theta = self.predict(x if loc_input is None else loc_input)
+        crops = warp_many(x, theta, self.kind, self.out_size, scale=self.scale,
+                          align_corners=self.align_corners, padding_mode=self.padding_mode)
+        return crops, theta
+
+    def boxes(self, theta: torch.Tensor) -> torch.Tensor:
+        return window_boxes(theta, self.kind, self.scale)
+
+    def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.bound == "tanh" and self.kind == "translation":
+            raw = (1.0 - self.scale) * torch.tanh(raw)
+        elif self.bound == "tanh":  # attention: s in (0, 1), centre within (1 - s) of the middle
+            s = torch.sigmoid(raw[..., :1])
+            raw = torch.cat([s, (1.0 - s) * torch.tanh(raw[..., 1:])], -1)
+        return raw.reshape(*raw.shape[:2], *theta_shape(self.kind, self.num_control_points))
+
+    def _raw_from_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        s, centre = windows[:, :1], windows[:, 1:]
+        if self.bound == "tanh" and self.kind == "translation":
+            return torch.atanh(centre / (1.0 - s))
+        if self.bound == "tanh":
+            return torch.cat([torch.logit(s), torch.atanh(centre / (1.0 - s))], 1)
+        return window_theta(self.kind, windows, self.num_control_points).reshape(len(windows), -1)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(_bad_kind(kind))
+    return kind
+
+
+def _bad_kind(kind: str) -> str:
+    return f"unknown transform kind '{kind}'; expected one of {', '.join(KINDS)}"
+
+
+def _check_theta(theta: torch.Tensor, kind: str) -> None:
+    _check_kind(kind)
+    expected = theta_shape(kind, theta.shape[1] if kind == "tps" and theta.dim() == 3 else 16)
+    if tuple(theta.shape[1:]) != expected:
+        raise ValueError(f"theta of kind '{kind}' must have shape (B, {', '.join(map(str, expected))}), "
+                         f"got {tuple(theta.shape)}")
+
+
+def _pair(size: Size) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _linspace(n: int, align_corners: bool, dtype, device) -> torch.Tensor:
+    # Pixel centres as F.affine_grid places them.
+    if align_corners:
+        return torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device) if n > 1 else torch.zeros(1, dtype=dtype, device=device)
+    return (torch.arange(n, dtype=dtype, device=device) * 2 + 1) / n - 1
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
