@@ -1,0 +1,100 @@
+"""Augmentation presets (albumentations) and the deterministic evaluation view with its geometry.
+
+| data.augment | train                                                   | eval                          |
+|--------------|---------------------------------------------------------|-------------------------------|
+| cub          | shorter side -> resize, random input_size crop, h-flip  | shorter side -> resize, centre crop |
+| svhn         | resize x resize, random input_size crop (no flip)       | resize x resize, centre crop  |
+| digits       | input_size x input_size                                 | same                          |
+| none         | input_size x input_size                                 | same                          |
+
+cub follows paper A.5 (512 -> random 448 crop); svhn follows A.4 (64x64 crops -> random 54x54).
+`resize` is data.resize; the default 512 is the paper's value for input 448 and is scaled with
+the input size for other sizes and presets (224 -> 256, SVHN 54 -> 64) unless set to another value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from pipeline.config import Config, DataConfig
+from pipeline.data.manifest import DataError
+
+# Resize / crop ratios of the paper's presets; data.resize == DEFAULT_RESIZE means "derive it".
+DEFAULT_RESIZE = DataConfig().resize
+RESIZE_RATIO = {"cub": 512 / 448, "svhn": 64 / 54}
+
+
+def effective_resize(cfg: Config) -> int:
+    """The side the image is resized to before cropping input_size from it."""
+    augment, size, resize = cfg.data.augment, cfg.model.input_size, cfg.data.resize
+    if augment not in RESIZE_RATIO:
+        return size
+    if resize is None or (resize == DEFAULT_RESIZE and size != 448):
+        resize = round(size * RESIZE_RATIO[augment])
+    if resize < size:
+        raise DataError(f"data.resize={resize} is smaller than model.input_size={size}: nothing to crop")
+    return resize
+
+
+def train_augment(cfg: Config) -> A.Compose:
+    """The albumentations pipeline of cfg.data.augment: uint8 HxWx3 -> uint8 input_size^2 x 3."""
+    size, resize = cfg.model.input_size, effective_resize(cfg)
+    if cfg.data.augment == "cub":
+        steps = [A.SmallestMaxSize(max_size=resize), A.RandomCrop(size, size), A.HorizontalFlip(p=0.5)]
+    elif cfg.data.augment == "svhn":  # flipping digits would change their meaning
+        steps = [A.Resize(resize, resize), A.RandomCrop(size, size)]
+    else:
+        steps = [A.Resize(size, size)]
+    return A.Compose(steps, seed=cfg.train.seed)
+
+
+@dataclass(frozen=True)
+class View:
+    """Where the original image lies in the network input: input_px = original_px * scale - offset.
+
+    Coordinates are continuous pixel positions (pixel edges at integers), which both cv2.resize
+    and the [-1, 1] convention of F.affine_grid(align_corners=False) use.
+    """
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    size: int  # side of the (square) network input
+
+    def to_input(self, points: np.ndarray) -> np.ndarray:
+        """(K, 2) original pixel (x, y) -> network input pixel (x, y)."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        return points * [self.scale_x, self.scale_y] - [self.offset_x, self.offset_y]
+
+    def to_normalized(self, points: np.ndarray) -> np.ndarray:
+        """(K, 2) original pixel (x, y) -> input coordinates in [-1, 1] (outside the view: beyond)."""
+        return self.to_input(points) / self.size * 2.0 - 1.0
+
+    def as_list(self) -> list:
+        return [self.scale_x, self.scale_y, self.offset_x, self.offset_y, self.size]
+
+
+def eval_view(width: int, height: int, cfg: Config) -> Tuple[View, Tuple[int, int]]:
+    """(View, resized (width, height)) of the deterministic evaluation transform of an image."""
+    size, resize = cfg.model.input_size, effective_resize(cfg)
+    if cfg.data.augment == "cub":
+        short = min(width, height)
+        new_w, new_h = max(size, round(width * resize / short)), max(size, round(height * resize / short))
+    elif cfg.data.augment == "svhn":
+        new_w = new_h = resize
+    else:
+        new_w = new_h = size
+    view = View(new_w / width, new_h / height, (new_w - size) // 2, (new_h - size) // 2, size)
+    return view, (new_w, new_h)
+
+
+def eval_transform(image: np.ndarray, original_size: Sequence[int], cfg: Config) -> Tuple[np.ndarray, View]:
+    """Resize and centre-crop `image` (possibly decoded at reduced size) to input_size^2."""
+    view, (new_w, new_h) = eval_view(*original_size, cfg)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    x0, y0, size = int(view.offset_x), int(view.offset_y), view.size
+    return resized[y0:y0 + size, x0:x0 + size], view

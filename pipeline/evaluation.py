@@ -1,0 +1,172 @@
+"""Distributed evaluation: every sample of a split scored exactly once, counted against the manifest.
+
+    metrics = evaluate(model, cfg, manifest, "test", device, rank, world_size)
+    # {"split": "test", "num_samples": 5794, "num_skipped": 0, "top1": 0.84, "loss": 0.61,
+    #  "windows": {...}, "part_hit_rate": [{"beak": 0.9, ...}, ...]}
+
+Each rank scores its shards (see build_eval_loader), adds up sums, and the sums of all ranks are
+all-reduced once at the end: ranks may score different numbers of samples without any
+collective call in the loop, so uneven shards cannot hang it. Every rank returns the same dict.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.config import Config
+from pipeline.data import DataError, Manifest, View, build_eval_loader, normalize
+from pipeline.metrics import PartHitSums, Sums, WindowSums, sequence_correct, top1_correct
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The configured mixed precision on CUDA; CPU runs stay in float32 (CPU bf16 is slow and inexact)."""
+    if device.type == "cuda" and precision in AUTOCAST_DTYPES:
+        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
+    return contextlib.nullcontext()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers (their forward would add bookkeeping, not math)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def _rank_limit(max_samples: Optional[int], rank: int, world_size: int) -> Optional[int]:
+    """This rank's share of a global sample cap (shares differ by at most one)."""
+    if max_samples is None:
+        return None
+    return max_samples // world_size + (1 if rank < max_samples % world_size else 0)
+
+
+def _part_points(metas: List[dict], num_parts: int):
+    """(B, P, 2) part positions in [-1, 1] input coordinates and (B, P) visibility from eval metas.
+
+    A part counts as visible when annotated visible and inside the centre view the model saw.
+    """
+    points = np.zeros((len(metas), num_parts, 2))
+    visible = np.zeros((len(metas), num_parts), dtype=bool)
+    for i, meta in enumerate(metas):
+        parts = np.asarray(meta.get("parts") or [], dtype=np.float64).reshape(-1, 3)[:num_parts]
+        if not len(parts):
+            continue
+        xy = View(*meta["view"]).to_normalized(parts[:, :2])
+        points[i, : len(xy)] = xy
+        visible[i, : len(xy)] = (parts[:, 2] > 0) & (np.abs(xy) <= 1.0).all(axis=1)
+    return torch.from_numpy(points), torch.from_numpy(visible)
+
+
+class _Scorer:
+    """Adds one batch at a time into sums for the task, the windows and the part hits."""
+
+    def __init__(self, task: str, num_streams: int, part_names: List[str]):
+        self.task = task
+        keys = ["count", "skipped", "loss", "correct"] + (["digits", "digits_correct"] if task == "sequence" else [])
+        self.sums = Sums(keys)
+        self.windows = WindowSums(num_streams) if num_streams else None
+        self.parts = PartHitSums(num_streams, part_names) if num_streams and part_names else None
+
+    def add_batch(self, logits: torch.Tensor, targets: torch.Tensor, boxes, metas) -> None:
+        logits = logits.float()
+        self.sums.add("count", len(targets))
+        if self.task == "sequence":
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / targets.shape[1]
+            digits_ok, digits, seq_ok = sequence_correct(logits, targets)
+            self.sums.add("digits_correct", digits_ok)
+            self.sums.add("digits", digits)
+            self.sums.add("correct", seq_ok)
+        else:
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+            self.sums.add("correct", top1_correct(logits, targets))
+        self.sums.add("loss", loss)
+        if self.windows is not None:
+            self.windows.update(boxes)
+        if self.parts is not None:
+            points, visible = _part_points(metas, len(self.parts.part_names))
+            self.parts.update(boxes, points, visible)
+
+    def all_sums(self) -> List[Sums]:
+        return [s for s in (self.sums, self.windows, self.parts) if s is not None]
+
+    def all_reduce(self, device: torch.device) -> None:
+        """Sum every rank's sums (one collective call) when a process group is running."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        parts = self.all_sums()
+        vector = torch.cat([s.to_tensor() for s in parts])
+        vector = vector.to(device) if dist.get_backend() == "nccl" else vector
+        dist.all_reduce(vector)
+        vector, start = vector.cpu(), 0
+        for s in parts:
+            s.load_tensor(vector[start:start + len(s.values)])
+            start += len(s.values)
+
+    def result(self) -> Dict[str, object]:
+        v = self.sums.values
+        n = max(v["count"], 1.0)
+        out: Dict[str, object] = {"loss": v["loss"] / n}
+        if self.task == "sequence":
+            out["digit_accuracy"] = v["digits_correct"] / max(v["digits"], 1.0)
+            out["sequence_accuracy"] = v["correct"] / n
+            out["sequence_error"] = 1.0 - out["sequence_accuracy"]
+        else:
+            out["top1"] = v["correct"] / n
+        if self.windows is not None:
+            out["windows"] = self.windows.result()
+        if self.parts is not None:
+            out["part_hit_rate"] = self.parts.result()
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, device, rank: int = 0,
+             world_size: int = 1, max_samples: Optional[int] = None, batch_size: Optional[int] = None,
+             num_workers: Optional[int] = None) -> Dict[str, object]:
+    """Score `split` with `model` on all ranks; returns the same JSON-able metrics on every rank.
+
+    Raises DataError when the ranks together scored (or skipped as corrupt) a different number
+    of samples than the manifest lists, unless max_samples stopped them early.
+    """
+    device = torch.device(device)
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    num_streams = int(getattr(net, "num_streams", 0) or 0) if hasattr(net, "attend") else 0
+    task = getattr(net, "task", manifest.task)
+    scorer = _Scorer(task, num_streams, manifest.parts)
+    loader = build_eval_loader(cfg, manifest, split, rank, world_size,
+                               batch_size or max(1, cfg.train.global_batch_size // world_size),
+                               cfg.train.num_workers if num_workers is None else num_workers)
+    limit = _rank_limit(max_samples, rank, world_size)
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    try:
+        for images, targets, metas in loader:
+            if limit is not None:
+                room = limit - int(scorer.sums.values["count"])
+                if room <= 0:
+                    break
+                images, targets, metas = images[:room], targets[:room], metas[:room]
+            x = normalize(images.to(device, non_blocking=True), cfg.data.mean, cfg.data.std, channels_last)
+            with autocast(device, cfg.train.precision):
+                logits = net(x)
+                boxes = net.attend(x)["boxes"].float() if num_streams else None
+            scorer.add_batch(logits, targets.to(device), boxes, metas)
+    finally:
+        net.train(was_training)
+    scorer.sums.add("skipped", loader.num_skipped)
+    scorer.all_reduce(device)
+    counted, skipped = int(scorer.sums.values["count"]), int(scorer.sums.values["skipped"])
+    expected = manifest.num_samples(split)
+    cut = max_samples is not None and max_samples < expected
+    if not cut and counted + skipped != expected:
+        raise DataError(f"{manifest.root / 'manifest.json'}: evaluation of split '{split}' on {world_size} rank(s) "
+                        f"scored {counted} samples and skipped {skipped}, but the manifest lists {expected}")
+    return {"split": split, "num_samples": counted, "num_skipped": skipped, **scorer.result()}
