@@ -9,12 +9,18 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
-from typing import Any, Dict, Iterable
-
-import webdataset as wds
+from typing import Any, BinaryIO, Dict, Iterable
 
 FORMAT_VERSION = 1
+
+# Fixed tar header time (2000-01-01 UTC): TarWriter stamps time.time() by default, which would
+# make a rerun's shard bytes (and sha256) differ from the first run's.
+SHARD_MTIME = 946684800
+# webdataset's TarWriter defaults, so shards are byte-identical to TarWriter(mtime=SHARD_MTIME)'s
+_TAR_MODE, _TAR_USER = 0o444, "bigdata"
+_CLS_EXTENSIONS = {"cls", "cls2", "class", "count", "index", "inx", "id"}
 
 
 def shard_name(split: str, index: int) -> str:
@@ -34,20 +40,76 @@ def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]]) -> Dict[str
     tmp = _tmp_path(path)
     count = 0
     try:
-        with open(tmp, "wb") as stream:
-            with wds.TarWriter(stream) as sink:
+        with open(tmp, "wb") as raw:
+            stream = _HashingWriter(raw)
+            with tarfile.open(fileobj=stream, mode="w|") as tar:  # same stream mode as TarWriter
                 for sample in samples:
-                    sink.write(sample)
+                    _add_sample(tar, sample)
                     count += 1
-            stream.flush()
-            os.fsync(stream.fileno())
-        digest = file_sha256(tmp)
-        size = tmp.stat().st_size
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"name": path.name, "num_samples": count, "bytes": size, "sha256": digest}
+    return {"name": path.name, "num_samples": count, "bytes": stream.size, "sha256": stream.sha.hexdigest()}
+
+
+class _HashingWriter:
+    """File wrapper that hashes what goes through it (saves re-reading the shard for its sha256)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+def _add_sample(tar: tarfile.TarFile, sample: Dict[str, Any]) -> None:
+    """One sample as TarWriter writes it, without importing webdataset (which imports torch, ~2 s)."""
+    if "__key__" not in sample:
+        raise ValueError("sample must contain a __key__")
+    key = sample["__key__"]
+    for field in sorted(sample):
+        if field.startswith("_"):
+            continue
+        data = _encode(field, sample[field])
+        info = tarfile.TarInfo(f"{key}.{field}")
+        info.size, info.mtime, info.mode = len(data), SHARD_MTIME, _TAR_MODE
+        info.uname = info.gname = _TAR_USER
+        tar.addfile(info, io.BytesIO(data))
+
+
+def _encode(field: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    extension = field.rsplit(".", 1)[-1].lower()
+    if extension in _CLS_EXTENSIONS:
+        return str(value).encode("ascii")
+    if extension in ("json", "jsn"):
+        return json.dumps(value).encode("utf-8")
+    from webdataset.writer import default_handlers, encode_based_on_extension1  # rare types: arrays, tensors
+
+    return encode_based_on_extension1(value, field, default_handlers)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in `folder` durable (a crash right after os.replace could otherwise lose it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_files(folder: str | Path, name: str) -> list:
+    """Leftover temporary files of a shard or manifest named `name` (e.g. from a killed job)."""
+    return sorted(Path(folder).glob(f".{name}.partial-*"))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -66,6 +128,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def encode_png(array) -> bytes:

@@ -1,0 +1,298 @@
+"""CUB-200-2011 -> webdataset shards of the official train/test split.
+
+    python -m data_prep cub --root data/CUB_200_2011 --out shards/cub [--classes 1-50] [--workers 4]
+
+Each sample: `jpg` (the original bytes, never re-encoded: grayscale and CMYK files stay as they
+are, the loader converts to RGB), `cls` (0-based index into manifest["classes"]) and `json`:
+{"id": CUB image id, "file", "class_id": CUB's 1-based class id, "label": cls, "class_name",
+"size": [w, h], "mode": PIL mode, "bbox": [x, y, w, h] (pixels, top-left origin),
+"parts": [[x, y, visible], ...] in the order of manifest["parts"] (invisible parts are 0, 0, 0)}.
+Keys are the 6-digit zero-padded image id. The number of parts comes from parts/parts.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from . import DataPrepError
+from ._cli import add_job_arguments, job_kwargs, print_summary
+from .jobs import JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
+
+SPLITS = ("train", "test")
+MAX_SHARD_SIZE = 90  # full CUB train (5,994) -> 67 shards: enough for 8 GPUs x 8 loader workers
+MIN_TRAIN_SHARDS = 64
+CHECKS = ("fast", "full")
+
+
+@dataclass(frozen=True)
+class CubOptions:
+    """What goes into the output (the folder's identity); job and worker counts are not here."""
+
+    classes: Optional[Tuple[int, ...]] = None  # 1-based CUB class ids; None = all
+    limit: Optional[int] = None  # at most this many images per split (the lowest ids)
+    shard_size: int = MAX_SHARD_SIZE
+    skip_missing: bool = False
+    check: str = "fast"  # fast: header + end marker; full: decode every image
+
+
+def prepare(root: str | Path, out: str | Path, classes: Any = None, limit: Optional[int] = None,
+            shard_size: Optional[int] = None, workers: int = 1, num_jobs: int = 1,
+            job_index: Optional[int] = None, finalize: bool = True, overwrite: bool = False,
+            skip_missing: bool = False, strict: bool = False, check: str = "fast",
+            finalize_only: bool = False) -> Optional[Dict[str, Any]]:
+    """Write CUB shards + manifest into `out`; returns the manifest (None if other jobs' shards are missing).
+
+    `classes`: "1-50", "1,3,10-20" or an iterable of 1-based class ids. `shard_size` None picks a
+    size that gives at least 64 train shards (at most 90 samples each).
+    """
+    plan = make_plan(root, classes=classes, limit=limit, shard_size=shard_size,
+                     skip_missing=skip_missing, check=check)
+    opts = JobOptions(workers=workers, num_jobs=num_jobs, job_index=job_index, finalize=finalize,
+                      finalize_only=finalize_only, overwrite=overwrite, strict=strict)
+    return run_plan(out, plan, build_shard, opts)
+
+
+# ---- metadata ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Metadata:
+    classes: Dict[int, str]  # class id -> folder name, e.g. 1 -> "001.Black_footed_Albatross"
+    parts: List[str]
+    images: Dict[int, str]
+    labels: Dict[int, int]
+    is_train: Dict[int, bool]
+    boxes: Dict[int, List[float]]
+    part_locs: Dict[int, List[List[float]]]
+
+
+def read_metadata(root: Path) -> Metadata:
+    """Parse the CUB text files (CRLF, blank lines and names with spaces are fine)."""
+    if not root.is_dir():
+        raise DataPrepError(f"{root}: CUB root folder not found (expected the CUB_200_2011 folder)")
+    for name in ("images", "parts"):
+        if not (root / name).is_dir():
+            raise DataPrepError(f"{root / name}: missing CUB folder")
+    classes = {i: name for i, name in _id_name_rows(root / "classes.txt")}
+    parts = _id_name_rows(root / "parts" / "parts.txt")
+    if [i for i, _ in parts] != list(range(1, len(parts) + 1)):
+        raise DataPrepError(f"{root / 'parts' / 'parts.txt'}: part ids must be 1..{len(parts)} in order")
+    images = _unique(root / "images.txt", _id_name_rows(root / "images.txt"))
+    labels = _unique(root / "image_class_labels.txt", [(r[0], int(r[1])) for r in _rows(root / "image_class_labels.txt", 2)])
+    split = _unique(root / "train_test_split.txt", [(r[0], r[1] == 1) for r in _rows(root / "train_test_split.txt", 2)])
+    boxes = _unique(root / "bounding_boxes.txt", [(r[0], [float(v) for v in r[1:]]) for r in _rows(root / "bounding_boxes.txt", 5, float)])
+    locs = _part_locs(root / "parts" / "part_locs.txt", len(parts))
+    for path, table in (("image_class_labels.txt", labels), ("train_test_split.txt", split),
+                        ("bounding_boxes.txt", boxes), ("parts/part_locs.txt", locs)):
+        missing = next((i for i in images if i not in table), None)
+        if missing is not None:
+            raise DataPrepError(f"{root / path}: no entry for image id {missing} of images.txt")
+    unknown = next(((i, c) for i, c in labels.items() if c not in classes), None)
+    if unknown:
+        raise DataPrepError(f"{root / 'image_class_labels.txt'}: image {unknown[0]} has class {unknown[1]}, not in classes.txt")
+    return Metadata(classes, [name for _, name in parts], images, labels, split, boxes, locs)
+
+
+def _lines(path: Path) -> Iterable[Tuple[int, str]]:
+    if not path.is_file():
+        raise DataPrepError(f"{path}: missing CUB metadata file")
+    with open(path, encoding="utf-8", newline=None) as f:  # universal newlines: CRLF reads as LF
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if line:
+                yield lineno, line
+
+
+def _id_name_rows(path: Path) -> List[Tuple[int, str]]:
+    rows = []
+    for lineno, line in _lines(path):
+        head, _, name = line.partition(" ")
+        name = name.strip()
+        if not head.isdigit() or not name:
+            raise DataPrepError(f"{path}:{lineno}: expected '<id> <name>', got {line[:60]!r}")
+        rows.append((int(head), name))
+    return rows
+
+
+def _rows(path: Path, width: int, kind=int) -> List[List[Any]]:
+    rows = []
+    for lineno, line in _lines(path):
+        fields = line.split()
+        try:
+            if len(fields) != width:
+                raise ValueError
+            rows.append([int(fields[0])] + [kind(v) for v in fields[1:]])
+        except ValueError:
+            raise DataPrepError(f"{path}:{lineno}: expected {width} numbers, got {line[:60]!r}") from None
+    return rows
+
+
+def _unique(path: Path, pairs: List[Tuple[int, Any]]) -> Dict[int, Any]:
+    table: Dict[int, Any] = {}
+    for key, value in pairs:
+        if key in table:
+            raise DataPrepError(f"{path}: image id {key} appears twice")
+        table[key] = value
+    return table
+
+
+def _part_locs(path: Path, num_parts: int) -> Dict[int, List[List[float]]]:
+    locs: Dict[int, List[List[float]]] = {}
+    for row in _rows(path, 5, float):
+        image, part = row[0], int(row[1])
+        if not 1 <= part <= num_parts:
+            raise DataPrepError(f"{path}: image {image} has part id {part}, parts.txt has 1..{num_parts}")
+        slots = locs.setdefault(image, [None] * num_parts)  # type: ignore[list-item]
+        slots[part - 1] = [row[2], row[3], int(row[4])]
+    for image, slots in locs.items():
+        if None in slots:
+            raise DataPrepError(f"{path}: image {image} has no row for part {slots.index(None) + 1}")
+    return locs
+
+
+def parse_classes(spec: Any, known: Iterable[int]) -> Optional[Tuple[int, ...]]:
+    """'1-50' / '1,3,10-20' / [1, 2] -> sorted 1-based class ids (None = all)."""
+    if spec is None:
+        return None
+    known = set(known)
+    ids = set()
+    tokens = spec.split(",") if isinstance(spec, str) else list(spec)
+    for token in tokens:
+        text = str(token).strip()
+        lo, sep, hi = text.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise DataPrepError(f"--classes: expected ids or ranges like 1-50, got {text!r}") from None
+        if first > last or first not in known or last not in known:
+            raise DataPrepError(f"--classes: {text!r} is outside the class ids of classes.txt "
+                                f"({min(known)}-{max(known)})")
+        ids.update(range(first, last + 1))
+    return tuple(sorted(ids))
+
+
+# ---- plan and shards ----------------------------------------------------------------------------
+
+def make_plan(root: str | Path, classes: Any = None, limit: Optional[int] = None,
+              shard_size: Optional[int] = None, skip_missing: bool = False, check: str = "fast") -> Plan:
+    """Read and check all metadata (nothing is written), then cut the split lists into shards."""
+    root = Path(root).resolve()
+    if check not in CHECKS:
+        raise DataPrepError(f"--check must be one of {', '.join(CHECKS)}, got {check!r}")
+    if limit is not None and limit < 1:
+        raise DataPrepError(f"--limit must be >= 1, got {limit}")
+    meta = read_metadata(root)
+    selected = parse_classes(classes, meta.classes)
+    class_ids = list(selected) if selected is not None else sorted(meta.classes)
+    label_of = {c: i for i, c in enumerate(class_ids)}
+    per_split: Dict[str, List[Dict[str, Any]]] = {s: [] for s in SPLITS}
+    skipped = []
+    for image_id in sorted(meta.images):
+        cls = meta.labels[image_id]
+        split = "train" if meta.is_train[image_id] else "test"
+        if cls not in label_of or (limit is not None and len(per_split[split]) >= limit):
+            continue
+        key = f"{image_id:06d}"
+        rel = meta.images[image_id]
+        if not (root / "images" / rel).exists():
+            if not skip_missing:
+                raise DataPrepError(f"{root / 'images' / rel}: image of id {image_id} in images.txt is missing "
+                                    "(pass --skip-missing to leave it out)")
+            skipped.append({"key": key, "reason": f"missing: images/{rel}"})
+            continue
+        per_split[split].append({
+            "key": key, "id": image_id, "file": rel, "class_id": cls, "label": label_of[cls],
+            "class_name": class_name(meta.classes[cls]), "bbox": meta.boxes[image_id],
+            "parts": meta.part_locs[image_id]})
+    if shard_size is None:
+        shard_size = max(1, min(MAX_SHARD_SIZE, len(per_split["train"]) // MIN_TRAIN_SHARDS))
+    options = CubOptions(selected, limit, shard_size, skip_missing, check)
+    specs = [spec for split in SPLITS
+             for spec in chunk_specs(split, [(str(root), check, item) for item in per_split[split]], shard_size)]
+    extra = {"task": "classification", "classes": [class_name(meta.classes[c]) for c in class_ids],
+             "class_ids": class_ids, "parts": meta.parts}
+    # the root is not part of the identity (moving the raw data is fine), so leave it out of the digest
+    items_digest = [[s.split, s.index, [i[2] for i in s.items]] for s in specs]
+    return Plan("cub", specs, list(SPLITS), asdict(options), str(root), extra, skipped,
+                plan_digest=digest([items_digest, skipped]))
+
+
+def class_name(folder: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black_footed_Albatross'."""
+    head, dot, rest = folder.partition(".")
+    return rest if dot and head.isdigit() else folder
+
+
+def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
+    skipped: List[Dict[str, str]] = []
+
+    def samples():
+        for root, check, item in spec.items:
+            path = Path(root) / "images" / item["file"]
+            data = path.read_bytes()
+            try:
+                width, height, mode = inspect_jpeg(data, full=check == "full")
+            except BadImage as err:
+                if strict:
+                    raise DataPrepError(f"{path}: {err} (image id {item['id']}; drop --strict to skip it)") from None
+                skipped.append({"key": item["key"], "reason": f"corrupt: images/{item['file']}: {err}"})
+                continue
+            meta = {"id": item["id"], "file": item["file"], "class_id": item["class_id"], "label": item["label"],
+                    "class_name": item["class_name"], "size": [width, height], "mode": mode,
+                    "bbox": item["bbox"], "parts": item["parts"]}
+            yield {"__key__": item["key"], "jpg": data, "cls": item["label"], "json": meta}
+
+    return samples(), skipped
+
+
+class BadImage(ValueError):
+    pass
+
+
+def inspect_jpeg(data: bytes, full: bool = False) -> Tuple[int, int, str]:
+    """(width, height, mode) of a JPEG, or BadImage naming what is wrong.
+
+    fast: the header parses and the end-of-image marker is there (a truncated download lacks it);
+    full: also decode every pixel (about 1 ms per CUB image).
+    """
+    if data[:2] != b"\xff\xd8":
+        raise BadImage("not a JPEG (no start-of-image marker)")
+    if b"\xff\xd9" not in data[-64:]:  # EOI, allowing a little padding after it
+        raise BadImage("truncated JPEG (no end-of-image marker)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format != "JPEG":
+            raise BadImage(f"not a JPEG ({image.format})")
+        if full:
+            image.load()
+    except BadImage:
+        raise
+    except Exception as err:  # PIL raises many types for broken files
+        raise BadImage(f"unreadable JPEG ({type(err).__name__}: {str(err)[:80]})") from None
+    return image.size[0], image.size[1], image.mode
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep cub", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, help="the CUB_200_2011 folder (images/, parts/, *.txt)")
+    parser.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar + manifest.json")
+    parser.add_argument("--classes", default=None, help="1-based class ids, e.g. 1-50 or 1,3,10-20 (default all)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N images per split (lowest ids)")
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help=f"samples per shard (default: train/{MIN_TRAIN_SHARDS}, at most {MAX_SHARD_SIZE})")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="leave out (and list in manifest 'skipped') images listed but not on disk")
+    parser.add_argument("--check", choices=CHECKS, default="fast",
+                        help="fast: header + end marker (default); full: decode every image")
+    add_job_arguments(parser)
+    args = parser.parse_args(argv)
+    manifest = prepare(args.root, args.out, classes=args.classes, limit=args.limit, shard_size=args.shard_size,
+                       skip_missing=args.skip_missing, check=args.check, **job_kwargs(args))
+    print_summary("cub", manifest, args.out)
+    return 0

@@ -1,0 +1,288 @@
+"""Deterministic pieces, resumable shard writing and manifest finalisation, shared by cub and svhn.
+
+A dataset command turns its raw input into a *plan*: an ordered list of `ShardSpec`s, each naming
+one output shard and the work items that go into it. The plan depends only on the raw data and the
+content options, never on timing, `--workers` or `--num-jobs`, so every run writes the same bytes:
+
+- shard g of the plan (counting over splits in order) belongs to job `g % num_jobs`;
+- a shard is written by one process from its spec alone (items in sorted order, fixed tar times);
+- after a shard is renamed into place its manifest entry and skip list go to
+  `OUT/.data_prep/shards/<shard>.json`; a shard with both is complete and a rerun leaves it alone;
+- the manifest is written once every shard of the plan is complete (by whichever job finishes
+  last, or by `--finalize-only`).
+
+`OUT/.data_prep/options.json` records what the folder holds (dataset, content options, plan
+digest), so a run with other data or options is refused unless `overwrite=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from . import DataPrepError
+from .shards import FORMAT_VERSION, partial_files, shard_name, write_json_atomic, write_shard
+
+STATE_DIR = ".data_prep"
+SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+
+# (samples, skipped): samples are webdataset dicts; skipped is [{"key", "reason"}]
+ShardContent = Tuple[Iterator[Dict[str, Any]], List[Dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One output shard: its split, index within the split, and the (picklable) work items."""
+
+    split: str
+    index: int
+    items: Tuple[Any, ...]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How to run a plan; none of these change what is written."""
+
+    workers: int = 1
+    num_jobs: int = 1
+    job_index: Optional[int] = None  # None: every piece (all jobs' shards) in this process
+    finalize: bool = True
+    finalize_only: bool = False
+    overwrite: bool = False
+    strict: bool = False
+
+
+@dataclass
+class Plan:
+    """What a dataset command will write, and what identifies it in an output folder."""
+
+    dataset: str
+    specs: List[ShardSpec]
+    splits: List[str]
+    options: Dict[str, Any]  # content options only (not workers/jobs): part of the identity
+    root: str
+    manifest_extra: Dict[str, Any] = field(default_factory=dict)  # classes, parts, task, ...
+    skipped: List[Dict[str, str]] = field(default_factory=list)  # found while planning
+    plan_digest: Optional[str] = None  # default: digest of the specs' items (must be JSON-able)
+
+    def __post_init__(self) -> None:
+        if self.plan_digest is None:
+            self.plan_digest = digest([[s.split, s.index, list(s.items)] for s in self.specs] + [self.skipped])
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        # through JSON so that it compares equal to the copy read back from options.json
+        return json.loads(json.dumps({"dataset": self.dataset, "options": self.options,
+                                      "plan_digest": self.plan_digest}))
+
+
+def job_options_from_env(num_jobs: Optional[int], job_index: Optional[int]) -> Tuple[int, Optional[int]]:
+    """--num-jobs/--job-index, defaulting to a SLURM array's task count and id when set."""
+    env = os.environ
+    if num_jobs is None and env.get("SLURM_ARRAY_TASK_COUNT"):
+        num_jobs = _env_int("SLURM_ARRAY_TASK_COUNT")
+    if job_index is None and env.get("SLURM_ARRAY_TASK_ID"):
+        # array ids may start anywhere (--array=1-8); index relative to the smallest id
+        job_index = _env_int("SLURM_ARRAY_TASK_ID") - int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+    num_jobs = 1 if num_jobs is None else num_jobs
+    if num_jobs < 1:
+        raise DataPrepError(f"--num-jobs must be >= 1, got {num_jobs}")
+    if job_index is not None and not 0 <= job_index < num_jobs:
+        raise DataPrepError(f"--job-index must be in [0, {num_jobs}), got {job_index}")
+    return num_jobs, job_index
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise DataPrepError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+
+def chunk_specs(split: str, items: Sequence[Any], shard_size: int) -> List[ShardSpec]:
+    """Fixed-size pieces of an ordered item list (the last one shorter)."""
+    if shard_size < 1:
+        raise DataPrepError(f"--shard-size must be >= 1, got {shard_size}")
+    return [
+        ShardSpec(split, i, tuple(items[start : start + shard_size]))
+        for i, start in enumerate(range(0, len(items), shard_size))
+    ]
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a JSON-able object (the plan's fingerprint in options.json)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_plan(out: str | Path, plan: Plan, build: Callable[[ShardSpec, bool], ShardContent],
+             opts: JobOptions) -> Optional[Dict[str, Any]]:
+    """Write this job's missing shards, then the manifest if the whole plan is complete.
+
+    `build(spec, strict)` must be a module-level function (it runs in worker processes).
+    Returns the manifest, or None when other jobs' shards are still missing.
+    """
+    out = Path(out)
+    state = out / STATE_DIR / "shards"
+    if not opts.finalize_only:
+        claim_output(out, plan, opts.overwrite)
+        mine = [s for g, s in enumerate(plan.specs) if opts.job_index is None or g % opts.num_jobs == opts.job_index]
+        todo = [s for s in mine if not _complete(out, s)]
+        for spec in todo:  # a killed run's temporary file; its shard is ours alone to write
+            for stale in partial_files(out, spec.name):
+                stale.unlink(missing_ok=True)
+        _write_all(out, todo, build, opts)
+        print(f"{plan.dataset}: wrote {len(todo)} shard(s), {len(mine) - len(todo)} already complete", file=sys.stderr)
+    elif not (out / STATE_DIR / "options.json").is_file():
+        raise DataPrepError(f"{out}: no data-prep run to finalise (missing {STATE_DIR}/options.json)")
+    else:
+        _check_identity(out, plan, overwrite=False)
+    if not (opts.finalize or opts.finalize_only):
+        return None
+    missing = [s.name for s in plan.specs if not _complete(out, s)]
+    if missing:
+        if opts.finalize_only:
+            raise DataPrepError(f"{out}: {len(missing)} shard(s) not written yet, first {missing[0]}; run the missing jobs first")
+        print(f"{plan.dataset}: {len(missing)} shard(s) of other jobs still missing; the last job "
+              "(or --finalize-only) writes the manifest", file=sys.stderr)
+        return None
+    manifest = _manifest(out, plan, state)
+    write_json_atomic(out / "manifest.json", manifest)
+    _warn_skipped(manifest["skipped"])
+    return manifest
+
+
+def _write_all(out: Path, todo: List[ShardSpec], build, opts: JobOptions) -> None:
+    if opts.workers <= 1 or len(todo) <= 1:
+        for spec in todo:
+            _write_one(out, spec, build, opts.strict)
+        return
+    with ProcessPoolExecutor(max_workers=opts.workers) as pool:
+        # list() re-raises the first worker error (e.g. --strict on a corrupt image)
+        list(pool.map(_write_one, [out] * len(todo), todo, [build] * len(todo), [opts.strict] * len(todo)))
+
+
+def _write_one(out: Path, spec: ShardSpec, build, strict: bool) -> str:
+    samples, skipped = build(spec, strict)
+    entry = write_shard(out / spec.name, samples)  # `skipped` fills up while samples are consumed
+    write_json_atomic(_state_file(out, spec), {"entry": entry, "skipped": skipped})
+    return spec.name
+
+
+def _state_file(out: Path, spec: ShardSpec) -> Path:
+    return out / STATE_DIR / "shards" / f"{spec.name[:-4]}.json"
+
+
+def _complete(out: Path, spec: ShardSpec) -> bool:
+    state, shard = _state_file(out, spec), out / spec.name
+    if not (state.is_file() and shard.is_file()):
+        return False
+    try:
+        entry = json.loads(state.read_text())["entry"]
+    except (ValueError, KeyError):
+        return False
+    return entry.get("bytes") == shard.stat().st_size
+
+
+def _manifest(out: Path, plan: Plan, state: Path) -> Dict[str, Any]:
+    splits: Dict[str, Any] = {name: {"num_samples": 0, "shards": []} for name in plan.splits}
+    skipped = list(plan.skipped)
+    for spec in plan.specs:
+        record = json.loads(_state_file(out, spec).read_text())
+        splits[spec.split]["shards"].append(record["entry"])
+        splits[spec.split]["num_samples"] += record["entry"]["num_samples"]
+        skipped.extend(record["skipped"])
+    manifest = {
+        "dataset": plan.dataset,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"python -m data_prep {plan.dataset}",
+        **plan.manifest_extra,
+        "splits": splits,
+        "skipped": skipped,
+        "source": {"root": plan.root, "options": plan.options, "plan_digest": plan.plan_digest},
+    }
+    return manifest
+
+
+def _warn_skipped(skipped: List[Dict[str, str]]) -> None:
+    if not skipped:
+        return
+    kinds: Dict[str, int] = {}
+    for s in skipped:
+        kind = s["reason"].split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    detail = ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))
+    print(f"warning: {len(skipped)} sample(s) left out ({detail}); listed in manifest.json 'skipped'", file=sys.stderr)
+
+
+# ---- output folder ownership ----------------------------------------------------------------
+
+def claim_output(out: Path, plan: Plan, overwrite: bool) -> None:
+    """Make `out` ours for this plan: refuse (or with overwrite, clear) a folder holding other data."""
+    _check_identity(out, plan, overwrite)
+    (out / STATE_DIR / "shards").mkdir(parents=True, exist_ok=True)
+    options = out / STATE_DIR / "options.json"
+    if not options.is_file():
+        write_json_atomic(options, plan.identity)
+
+
+def _check_identity(out: Path, plan: Plan, overwrite: bool) -> None:
+    held = _held_identity(out)
+    if held is None:
+        strangers = [p.name for p in out.glob("*.tar")] if out.is_dir() else []
+        if strangers and not overwrite:
+            raise DataPrepError(f"{out} already holds shards of unknown origin (e.g. {strangers[0]}); "
+                                "choose another --out or pass --overwrite")
+        if strangers:
+            clear_output(out)
+        return
+    if held == plan.identity:
+        return
+    diff = _first_difference(held, plan.identity)
+    if not overwrite:
+        raise DataPrepError(f"{out} already holds a different data-prep output ({diff}); "
+                            "choose another --out or pass --overwrite")
+    clear_output(out)
+
+
+def _held_identity(out: Path) -> Optional[Dict[str, Any]]:
+    for path in (out / STATE_DIR / "options.json", out / "manifest.json"):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                raise DataPrepError(f"{path}: not valid JSON; pass --overwrite to replace the folder's contents") from None
+            if path.name == "manifest.json":  # a manifest without our state: compare what it records
+                source = data.get("source", {})
+                data = {"dataset": data.get("dataset"), "options": source.get("options"),
+                        "plan_digest": source.get("plan_digest")}
+            return data
+    return None
+
+
+def _first_difference(held: Dict[str, Any], wanted: Dict[str, Any]) -> str:
+    for key in sorted(set(held) | set(wanted)):
+        if held.get(key) != wanted.get(key):
+            old, new = held.get(key), wanted.get(key)
+            if key == "plan_digest":
+                return "the raw data or the selected samples differ"
+            return f"{key}: {json.dumps(old)[:60]} there, {json.dumps(new)[:60]} now"
+    return "unknown difference"
+
+
+def clear_output(out: Path) -> None:
+    """Remove what a data-prep run writes (shards, manifest, state); leave any other file alone."""
+    for path in out.iterdir():
+        if SHARD_FILE.match(path.name) or path.name == "manifest.json" or ".partial-" in path.name:
+            path.unlink()
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
