@@ -1,0 +1,242 @@
+"""Bad input, interrupted jobs, pieces over several jobs, and verify: data_prep cub on real CUB samples."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import PYTHON, SHARED_DATA, need, subprocess_env
+from data_prep import DataPrepError, cub
+from data_prep.__main__ import main as data_prep_main
+from data_prep.jobs import job_options_from_env
+from data_prep.shards import write_json_atomic, write_shard
+from data_prep.verify import verify
+from test_data_prep_cub import make_cub_root, raw_records, read_back
+
+TEXT_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+              "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt")
+
+
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory) -> Path:
+    need(SHARED_DATA.is_dir(), f"the shared dataset samples at {SHARED_DATA}")
+    return make_cub_root(SHARED_DATA, tmp_path_factory.mktemp("cub_raw"))
+
+
+def light_copy(root: Path, dest: Path, copy_images: bool = False) -> Path:
+    """A CUB root whose text files can be edited; images linked (or copied, to edit them too)."""
+    new = dest / "CUB_200_2011"
+    (new / "parts").mkdir(parents=True)
+    for name in TEXT_FILES:
+        shutil.copy(root / name, new / name)
+    if copy_images:
+        shutil.copytree(root / "images", new / "images")
+    else:
+        (new / "images").symlink_to(root / "images")
+    return new
+
+
+def image_path(root: Path, image_id: int) -> Path:
+    return root / "images" / raw_records(root)[image_id]["file"]
+
+
+def shard_digests(manifest: dict) -> dict:
+    return {s["name"]: s["sha256"] for v in manifest["splits"].values() for s in v["shards"]}
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("missing", TEXT_FILES + ("images", "parts"))
+def test_missing_metadata_is_one_line_error_and_writes_nothing(cub_root, tmp_path, capsys, missing):
+    root = light_copy(cub_root, tmp_path)
+    target = root / missing
+    shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    out = tmp_path / "out"
+    assert data_prep_main(["cub", "--root", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(target) in err
+    assert not out.exists()
+
+
+def test_missing_image_is_error_or_skipped(cub_root, tmp_path, capsys):
+    root = light_copy(cub_root, tmp_path)
+    images = root / "images.txt"
+    images.write_text(images.read_text().replace("Black_Footed_Albatross_0002_55.jpg", "gone.jpg"))
+    out = tmp_path / "out"
+    assert data_prep_main(["cub", "--root", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gone.jpg" in err and "id 3" in err and "--skip-missing" in err and not out.exists()
+    manifest = cub.prepare(root, out, skip_missing=True, shard_size=10)
+    assert manifest["skipped"] == [{"key": "000003", "reason": "missing: images/001.Black_footed_Albatross/gone.jpg"}]
+    assert manifest["splits"]["train"]["num_samples"] + manifest["splits"]["test"]["num_samples"] == 59
+
+
+def test_corrupt_and_truncated_images_skipped_or_strict_error(cub_root, tmp_path, capsys):
+    root = light_copy(cub_root, tmp_path, copy_images=True)
+    truncated, garbage = image_path(root, 4), image_path(root, 9)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    garbage.write_bytes(os.urandom(5000))
+    out = tmp_path / "out"
+    assert data_prep_main(["cub", "--root", str(root), "--out", str(out), "--shard-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 sample(s) left out (corrupt: 2)" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"000004", "000009"}
+    assert "truncated" in reasons["000004"] and "not a JPEG" in reasons["000009"]
+    assert sum(v["num_samples"] for v in manifest["splits"].values()) == 58
+    assert verify(out)[0] == []
+
+    strict_out = tmp_path / "strict"
+    assert data_prep_main(["cub", "--root", str(root), "--out", str(strict_out), "--strict", "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and (truncated.name in err or garbage.name in err)
+    assert not (strict_out / "manifest.json").exists()
+    assert not [p for p in strict_out.iterdir() if ".partial-" in p.name]
+
+
+def test_grayscale_and_cmyk_jpegs_kept_and_decode_to_rgb(cub_root, tmp_path):
+    root = light_copy(cub_root, tmp_path, copy_images=True)
+    for image_id, mode in ((2, "L"), (4, "CMYK")):  # ids 2 and 4 are both train
+        path = image_path(root, image_id)
+        Image.open(path).convert(mode).save(path, format="JPEG", quality=90)
+    manifest = cub.prepare(root, tmp_path / "out", shard_size=8)
+    assert manifest["skipped"] == []
+    samples = {s["__key__"]: s for s in read_back(tmp_path / "out", manifest)["train"]}
+    for image_id, mode in ((2, "L"), (4, "CMYK")):
+        sample = samples[f"{image_id:06d}"]
+        assert sample["jpg"] == image_path(root, image_id).read_bytes()  # kept as is, not re-encoded
+        assert json.loads(sample["json"])["mode"] == mode
+        rgb = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        assert rgb.mode == "RGB" and len(rgb.getpixel((0, 0))) == 3
+
+
+def test_crlf_blank_lines_and_spaces_read_like_clean_metadata(cub_root, tmp_path):
+    root = light_copy(cub_root, tmp_path)
+    for name in TEXT_FILES:
+        path = root / name
+        lines = path.read_text().splitlines()
+        path.write_bytes(("\r\n\r\n" + "\r\n\r\n".join(l + "  " for l in lines) + "\r\n\r\n").encode())
+    messy = cub.prepare(root, tmp_path / "messy", shard_size=8)
+    clean = cub.prepare(cub_root, tmp_path / "clean", shard_size=8)
+    assert messy["parts"] == clean["parts"] and "left eye" in messy["parts"] and len(messy["parts"]) == 15
+    assert messy["classes"] == clean["classes"] and messy["splits"] == clean["splits"]
+    assert shard_digests(messy) == shard_digests(clean)
+
+
+def test_output_holding_other_data_refused_unless_overwrite(cub_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    cub.prepare(cub_root, out, shard_size=5)
+    assert (out / "train-000005.tar").exists()
+    with pytest.raises(DataPrepError, match=r"different data-prep output \(options: .*shard_size.*--overwrite"):
+        cub.prepare(cub_root, out, shard_size=7)
+    with pytest.raises(DataPrepError, match="different data-prep output"):
+        cub.prepare(cub_root, out, classes="1-2", shard_size=5)
+    assert data_prep_main(["svhn", "--root", str(SHARED_DATA / "svhn"), "--split", "test", "--skip-missing",
+                           "--out", str(out)]) == 2
+    assert "dataset: \"cub\" there, \"svhn\" now" in capsys.readouterr().err
+    manifest = cub.prepare(cub_root, out, shard_size=7, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(shard_digests(manifest))
+    assert not (out / "train-000005.tar").exists()  # the old run's extra shard is gone
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "data-000000.tar").write_bytes(b"x")
+    with pytest.raises(DataPrepError, match="shards of unknown origin"):
+        cub.prepare(cub_root, stranger)
+
+
+# ---- pieces, jobs, resume -----------------------------------------------------------------------
+
+def test_jobs_and_workers_give_the_same_bytes(cub_root, tmp_path, monkeypatch):
+    single = cub.prepare(cub_root, tmp_path / "single", shard_size=6)
+    out = tmp_path / "jobs"
+    assert cub.prepare(cub_root, out, shard_size=6, num_jobs=3, job_index=0) is None  # others missing
+    with pytest.raises(DataPrepError, match=r"shard\(s\) not written yet"):
+        cub.prepare(cub_root, out, shard_size=6, finalize_only=True)
+    assert cub.prepare(cub_root, out, shard_size=6, num_jobs=3, job_index=2, workers=2) is None
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert job_options_from_env(None, None) == (3, 1)
+    assert data_prep_main(["cub", "--root", str(cub_root), "--out", str(out), "--shard-size", "6", "--no-finalize"]) == 0
+    assert not (out / "manifest.json").exists()
+    assert cub.prepare(cub_root, out, shard_size=6, finalize_only=True) == single
+    assert json.loads((out / "manifest.json").read_text()) == single
+    parallel = cub.prepare(cub_root, tmp_path / "workers", shard_size=6, workers=2)
+    assert parallel == single
+
+
+@pytest.mark.multiprocess
+def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(cub_root, tmp_path):
+    """The job blocks inside shard train-000002 on a FIFO standing in for an image; we SIGKILL it there."""
+    root = light_copy(cub_root, tmp_path, copy_images=True)
+    train_ids = sorted(i for i, r in raw_records(root).items() if r["split"] == "train")
+    blocked = image_path(root, train_ids[9])  # shard_size 4: train-000002's second sample
+    real_bytes = blocked.read_bytes()
+    blocked.unlink()
+    os.mkfifo(blocked)
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "data_prep", "cub", "--root", str(root), "--out", str(out), "--shard-size", "4"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in out.glob(".train-000002.tar.partial-*") if p.stat().st_size > 0]:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "job never reached shard train-000002"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not (out / "manifest.json").exists()
+    complete = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+
+    blocked.unlink()
+    blocked.write_bytes(real_bytes)
+    assert data_prep_main(cmd[3:]) == 0  # the rerun, same flags
+    assert {n: (out / n).stat().st_ino for n in complete} == {n: v[0] for n, v in complete.items()}
+    assert {n: (out / n).stat().st_mtime_ns for n in complete} == {n: v[1] for n, v in complete.items()}
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]
+    resumed = json.loads((out / "manifest.json").read_text())
+    uninterrupted = cub.prepare(root, tmp_path / "clean", shard_size=4, workers=2)
+    assert resumed == uninterrupted
+    assert shard_digests(resumed) == shard_digests(uninterrupted)
+    assert verify(out)[0] == []
+
+
+# ---- verify -------------------------------------------------------------------------------------
+
+def test_verify_reports_what_is_wrong(cub_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    manifest = cub.prepare(cub_root, out, shard_size=10)
+    assert verify(out)[0] == []
+    with open(out / "train-000001.tar", "r+b") as f:  # flip a byte inside a JPEG
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (out / "test-000002.tar").unlink()
+    # a shard whose checksum matches the manifest but whose image does not decode
+    entry = write_shard(out / "test-000001.tar", [{"__key__": "999999", "jpg": b"\xff\xd8junk", "cls": 0,
+                                                    "json": {"label": 0}}])
+    manifest["splits"]["test"]["shards"][1] = entry
+    manifest["splits"]["test"]["num_samples"] = 999
+    write_json_atomic(out / "manifest.json", manifest)
+    assert data_prep_main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "train-000001.tar: sha256 differs" in err
+    assert "test-000002.tar: listed in manifest.json (split 'test') but missing" in err
+    assert "test-000001.tar: sample 999999: jpg does not decode" in err
+    assert "json lacks id" in err
+    assert "split 'test' says num_samples 999" in err
+    assert data_prep_main(["verify", str(tmp_path / "nothing")]) == 2
