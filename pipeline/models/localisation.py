@@ -1,0 +1,88 @@
+"""Localisation networks: they map an image or feature map to the features a transformer head reads.
+
+    TrunkLocalisation("inception_v3", downscale=2)   # paper A.5: timm trunk, 1x1 conv 128, fc 128
+    ConvLocalisation(3, 64)                          # paper A.4 ST-CNN Single: conv-max-conv-fc-fc
+    FcLocalisation(48 * 32 * 32)                     # paper A.4 ST-CNN Multi: fc 32 - fc 32
+
+Each exposes `out_features`; the parameter head itself (zero weights, identity/tiling bias) lives in
+`SpatialTransformer`. `create_timm` is the one place that turns `pretrained` into timm arguments.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def create_timm(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
+    """A timm model; `pretrained`: None/False = random init, True = timm's hub, str = a weights file."""
+    if pretrained is None or pretrained is False:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained is True:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    if isinstance(pretrained, (str, Path)):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained={str(pretrained)!r}: no such weights file for '{name}'")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    raise ValueError(f"model.pretrained={pretrained!r} must be null, true or a weights file path")
+
+
+class TrunkLocalisation(nn.Module):
+    """Paper A.5: a timm trunk cut before its last pooling, 1x1 conv to 128 channels, pool, fc 128.
+
+    `downscale` > 1 average-pools the input first: at 448 px input the localisation net runs at
+    224 px, as in the paper, which makes it cost one backbone pass instead of four.
+    """
+
+    def __init__(self, backbone: str, *, downscale: int = 1, channels: int = 128, hidden: int = 128,
+                 pretrained: Any = None, in_chans: int = 3):
+        super().__init__()
+        self.downscale = int(downscale)
+        self.trunk = create_timm(backbone, pretrained, num_classes=0, global_pool="", in_chans=in_chans)
+        self.reduce = nn.Conv2d(self.trunk.num_features, channels, 1)
+        self.fc = nn.Linear(channels, hidden)
+        self.out_features = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downscale > 1:
+            x = F.avg_pool2d(x, self.downscale)
+        x = F.relu(self.reduce(self.trunk(x)))
+        return F.relu(self.fc(x.mean((2, 3))))
+
+
+class ConvLocalisation(nn.Module):
+    """Paper A.4 ST-CNN Single: conv[32,5,1,2]-max[2]-conv[32,5,1,2]-fc[32]-fc[32], ReLUs."""
+
+    def __init__(self, in_chans: int, input_size: int, *, channels: int = 32, hidden: Sequence[int] = (32, 32)):
+        super().__init__()
+        if input_size % 2:
+            raise ValueError(f"ConvLocalisation needs an even input size, got {input_size}")
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_chans, channels, 5, 1, 2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(channels, channels, 5, 1, 2), nn.ReLU(inplace=True))
+        self.fcs = FcLocalisation(channels * (input_size // 2) ** 2, hidden)
+        self.out_features = self.fcs.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fcs(self.convs(x))
+
+
+class FcLocalisation(nn.Module):
+    """Flatten, then fully connected ReLU layers (paper A.4 ST-CNN Multi: fc[32]-fc[32])."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int] = (32, 32)):
+        super().__init__()
+        layers, width = [], in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+            width = size
+        self.layers = nn.Sequential(nn.Flatten(1), *layers)
+        self.out_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)

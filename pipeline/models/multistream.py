@@ -1,0 +1,126 @@
+"""N x ST-CNN for fine-grained classification (paper A.5) and its backbone-only baseline.
+
+    model = create_model("nxst_cnn", backbone="inception_v3", num_streams=2, input_size=448)
+    logits = model(x)                      # x: normalised (B, 3, 448, 448) -> (B, 200)
+    seen = model.attend(x)                 # {"theta": (B, N, 2), "boxes": (B, N, 4), "crops": (B, N, 3, 224, 224)}
+
+One localisation network (a timm trunk on the 2x-downscaled input when the input is 448) predicts
+the windows of all N transformers; each transformer samples a `crop_size` crop from the
+full-resolution input (all N in one `grid_sample` call) and feeds its own timm stream; the pooled
+stream features are concatenated, dropped out and classified by one linear layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import register_model
+from .localisation import TrunkLocalisation, create_timm
+from .spatial_transformer import SpatialTransformer
+
+
+class NxSTCNN(nn.Module):
+    task = "classification"
+
+    def __init__(self, backbone: str = "inception_v3", *, loc_backbone: Optional[str] = None, num_streams: int = 2,
+                 input_size: int = 448, crop_size: int = 224, transform: str = "translation",
+                 transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
+                 pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
+                 num_control_points: int = 16):
+        super().__init__()
+        if num_streams < 1:
+            raise ValueError(f"NxSTCNN needs num_streams >= 1, got {num_streams} (0 is the baseline: cub_baseline)")
+        if crop_size > input_size:
+            raise ValueError(f"crop_size={crop_size} is larger than input_size={input_size}")
+        self.num_streams, self.input_size, self.crop_size = num_streams, input_size, crop_size
+        if loc_pretrained == "same":
+            if isinstance(pretrained, str) and loc_backbone not in (None, backbone):
+                raise ValueError(f"model.pretrained={pretrained!r} is a weights file for '{backbone}', not for "
+                                 f"loc_backbone '{loc_backbone}'; set model.extra.loc_pretrained")
+            loc_pretrained = pretrained
+        if bound == "auto":  # keep windows inside the image where the kind allows it
+            bound = "tanh" if transform in ("translation", "attention") and transform_scale < 1 else None
+        # A fixed downscale so the localisation trunk sees about crop_size pixels (paper: 448 -> 224).
+        downscale = max(1, round(input_size / crop_size))
+        localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, pretrained=loc_pretrained)
+        self.transformer = SpatialTransformer(localisation, localisation.out_features, transform, crop_size,
+                                              num_transforms=num_streams, scale=transform_scale, bound=bound,
+                                              num_control_points=num_control_points)
+        self.streams = nn.ModuleList(create_timm(backbone, pretrained, num_classes=0) for _ in range(num_streams))
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(sum(s.num_features for s in self.streams), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        crops, _ = self.transformer(x)
+        return self.classify(crops)
+
+    def classify(self, crops: torch.Tensor) -> torch.Tensor:
+        """Logits from the N crops (B, N, C, h, w)."""
+        features = torch.cat([stream(crops[:, i]) for i, stream in enumerate(self.streams)], 1)
+        return self.classifier(self.dropout(features))
+
+    def attend(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        crops, theta = self.transformer(x)
+        return {"theta": theta.flatten(2), "boxes": self.transformer.boxes(theta), "crops": crops}
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"localisation": list(self.transformer.parameters()),
+                "streams": list(self.streams.parameters()),
+                "head": list(self.classifier.parameters())}
+
+
+class BackboneClassifier(nn.Module):
+    """A timm backbone, dropout and a linear classifier (the paper's CNN baseline).
+
+    With `resize_to` smaller than the input, the input is first resized to it (antialiased), so a
+    448 px data pipeline can feed the 224 px baseline.
+    """
+    task = "classification"
+    num_streams = 0
+
+    def __init__(self, backbone: str, *, num_classes: int = 200, dropout: float = 0.7, pretrained: Any = None,
+                 input_size: int = 224, resize_to: Optional[int] = None):
+        super().__init__()
+        self.input_size = input_size
+        self.resize_to = resize_to if resize_to and resize_to != input_size else None
+        self.backbone = create_timm(backbone, pretrained, num_classes=0)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.backbone.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize_to:
+            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return self.classifier(self.dropout(self.backbone(x)))
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"backbone": list(self.backbone.parameters()), "head": list(self.classifier.parameters())}
+
+
+@register_model
+def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None, num_streams: int = 2,
+             input_size: int = 448, crop_size: int = 224, transform: str = "translation",
+             transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
+             pretrained: Any = None, **kwargs: Any) -> nn.Module:
+    """Paper A.5 N x ST-CNN; `num_streams=0` is the bare backbone at `crop_size` (input resized).
+
+    Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
+    `bound` ("auto" | "tanh" | None), `num_control_points` (tps).
+    """
+    if num_streams == 0:
+        return BackboneClassifier(backbone, num_classes=num_classes, dropout=dropout, pretrained=pretrained,
+                                  input_size=input_size, resize_to=crop_size)
+    return NxSTCNN(backbone, loc_backbone=loc_backbone, num_streams=num_streams, input_size=input_size,
+                   crop_size=crop_size, transform=transform, transform_scale=transform_scale,
+                   num_classes=num_classes, dropout=dropout, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cub_baseline(backbone: str = "inception_v3", input_size: int = 224, num_classes: int = 200,
+                 dropout: float = 0.7, pretrained: Any = None) -> nn.Module:
+    """The backbone alone on the whole image at `input_size` (paper A.5's CNN baseline)."""
+    return BackboneClassifier(backbone, num_classes=num_classes, dropout=dropout, pretrained=pretrained,
+                              input_size=input_size)

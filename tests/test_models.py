@@ -1,0 +1,174 @@
+"""The model zoo: every registered model builds small, trains a step, and declares its parameter groups."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from pipeline.models import create_model, list_models
+from pipeline.models.localisation import TrunkLocalisation
+from pipeline.models.spatial_transformer import SpatialTransformer, tiling_windows, window_boxes, window_theta
+from test_spatial_transformer import _one_thread  # noqa: F401  (autouse: one intra-op thread)
+
+# Small settings per model family: tiny timm test models, small inputs, thin SVHN nets.
+SMALL = {
+    "nxst_cnn": dict(backbone="test_resnet", input_size=64, crop_size=32, num_streams=2, num_classes=7),
+    "cub_baseline": dict(backbone="test_resnet", input_size=32, num_classes=7),
+    "svhn_cnn": dict(input_size=64, width=0.125),
+    "svhn_st_single": dict(input_size=64, width=0.125),
+    "svhn_st_multi": dict(input_size=64, width=0.125),
+}
+OUR_MODELS = sorted(name for name in list_models() if not name.startswith("digits_"))
+
+
+def _input(model_kwargs, batch=2, seed=0):
+    size = model_kwargs.get("input_size", 64)
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_model_has_small_settings():
+    assert set(OUR_MODELS) == set(SMALL), "add small test settings for new models to SMALL"
+
+
+@pytest.mark.parametrize("name", OUR_MODELS)
+def test_model_forward_backward_and_groups(name):
+    torch.manual_seed(0)
+    kwargs = SMALL[name]
+    model = create_model(name, **kwargs)
+    x = _input(kwargs)
+    logits = model(x)
+    expected = {"classification": (2, kwargs.get("num_classes", 200)), "sequence": (2, 5, 11)}[model.task]
+    assert logits.shape == expected
+    assert torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    params = list(model.parameters())
+    assert all(p.grad is not None for p in params), "a parameter is outside the graph"
+    # The parameter groups partition the parameters: each in exactly one group.
+    groups = model.parameter_groups()
+    grouped = [id(p) for group in groups.values() for p in group]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in params}
+    assert all(groups.values()), f"empty group in {list(groups)}"
+    assert "head" in groups
+
+
+@pytest.mark.parametrize("name", [n for n in OUR_MODELS if n in ("nxst_cnn", "svhn_st_single", "svhn_st_multi")])
+def test_attend_shapes_and_boxes(name):
+    kwargs = SMALL[name]
+    model = create_model(name, **kwargs).eval()
+    x = _input(kwargs)
+    seen = model.attend(x)
+    n = model.num_streams
+    assert seen["theta"].shape[:2] == (2, n)
+    assert seen["boxes"].shape == (2, n, 4)
+    assert seen["crops"].shape[:3] == (2, n, 3)
+    assert seen["boxes"].abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("num_streams", [1, 2, 4])
+def test_nxst_init_windows_tile_the_image(num_streams):
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32,
+                         num_streams=num_streams, num_classes=5)
+    boxes = model.attend(_input(SMALL["nxst_cnn"], batch=3))["boxes"]
+    expected = window_boxes(window_theta("attention", tiling_windows(num_streams, 0.5).float()), "attention")
+    torch.testing.assert_close(boxes, expected.expand_as(boxes), atol=1e-6, rtol=0)
+    assert boxes.min() >= -1.0 and boxes.max() <= 1.0
+    if num_streams == 2:  # left and right parts of the image, centred vertically
+        assert boxes[0, 0, 2] < boxes[0, 1, 2] and boxes[0, 0, 0] < 0 < boxes[0, 1, 2]
+
+
+def test_nxst_one_localisation_net_shared_by_all_streams():
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=4, num_classes=5)
+    transformers = [m for m in model.modules() if isinstance(m, SpatialTransformer)]
+    trunks = [m for m in model.modules() if isinstance(m, TrunkLocalisation)]
+    assert len(transformers) == 1 and len(trunks) == 1
+    assert transformers[0].head.out_features == 4 * 2  # (tx, ty) for each of the 4 streams
+    loc_ids = {id(p) for p in model.parameter_groups()["localisation"]}
+    assert loc_ids == {id(p) for p in transformers[0].parameters()}
+    assert len(model.streams) == 4 and not loc_ids & {id(p) for p in model.streams.parameters()}
+    # Every stream's window moves with the one localisation net's output.
+    x = _input(SMALL["nxst_cnn"])
+    before = model.attend(x)["theta"]
+    with torch.no_grad():
+        transformers[0].head.weight.normal_(std=0.5)
+    after = model.attend(x)["theta"]
+    assert ((after - before).abs().flatten(2).amax(-1) > 1e-4).all()
+
+
+def test_nxst_localisation_sees_downscaled_input_and_gets_gradients():
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=2, num_classes=5)
+    seen = {}
+    model.transformer.localisation.trunk.register_forward_pre_hook(lambda m, args: seen.update(shape=args[0].shape))
+    model(_input(SMALL["nxst_cnn"])).sum().backward()
+    assert tuple(seen["shape"][-2:]) == (32, 32)  # paper A.5: 448 -> 224 before the localisation net
+    assert model.transformer.head.weight.grad.abs().sum() > 0
+
+
+def test_nxst_zero_streams_is_the_resized_backbone():
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=0, num_classes=5)
+    assert set(model.parameter_groups()) == {"backbone", "head"} and model.num_streams == 0
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.update(shape=args[0].shape))
+    assert model(_input(SMALL["nxst_cnn"])).shape == (2, 5)
+    assert tuple(seen["shape"][-2:]) == (32, 32)
+
+
+@pytest.mark.parametrize("transform", ["affine", "attention", "projective", "tps"])
+def test_nxst_other_transform_kinds(transform):
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=2,
+                         num_classes=5, transform=transform)
+    seen = model.attend(_input(SMALL["nxst_cnn"]))
+    expected = window_boxes(window_theta("attention", tiling_windows(2, 0.5).float()), "attention")
+    torch.testing.assert_close(seen["boxes"], expected.expand_as(seen["boxes"]), atol=1e-5, rtol=0)
+
+
+def test_pretrained_weights_from_a_file(tmp_path):
+    reference = timm.create_model("test_resnet", num_classes=0)
+    path = tmp_path / "test_resnet.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_model("cub_baseline", backbone="test_resnet", input_size=32, num_classes=3, pretrained=str(path))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], value)
+    nxst = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_classes=3,
+                        pretrained=str(path))
+    first = next(iter(reference.state_dict()))
+    for module in (nxst.transformer.localisation.trunk, *nxst.streams):
+        torch.testing.assert_close(module.state_dict()[first], reference.state_dict()[first])
+
+
+def test_missing_pretrained_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        create_model("cub_baseline", backbone="test_resnet", pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_svhn_transformers_start_as_identity():
+    x = _input(SMALL["svhn_st_multi"])
+    seen = create_model("svhn_st_multi", **SMALL["svhn_st_multi"]).eval().attend(x)
+    torch.testing.assert_close(seen["crops"], x[:, None].expand_as(seen["crops"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(seen["boxes"], torch.tensor([-1.0, -1.0, 1.0, 1.0]).expand(2, 4, 4))
+
+
+def test_svhn_multi_boxes_compose_the_transformers():
+    model = create_model("svhn_st_multi", **SMALL["svhn_st_multi"]).eval()
+    with torch.no_grad():  # transformer 1: half size, right by 0.2; transformer 2: half size, down by 0.4
+        model.transformers["0"].head.bias.copy_(torch.tensor([0.5, 0, 0.2, 0, 0.5, 0]))
+        model.transformers["1"].head.bias.copy_(torch.tensor([0.5, 0, 0, 0, 0.5, 0.4]))
+    boxes = model.attend(_input(SMALL["svhn_st_multi"]))["boxes"][0]
+    # p -> A1(A2 p) = 0.5 (0.5 p + (0, 0.4)) + (0.2, 0) = 0.25 p + (0.2, 0.2)
+    torch.testing.assert_close(boxes[1], torch.tensor([-0.05, -0.05, 0.45, 0.45]))
+    torch.testing.assert_close(boxes[3], boxes[1])  # the later transformers are still the identity
+
+
+def test_svhn_rejects_bad_input_size():
+    with pytest.raises(ValueError, match="input_size=60"):
+        create_model("svhn_cnn", input_size=60)
+
+
+@pytest.mark.slow
+def test_nxst_with_the_paper_backbone_inception_v3():
+    # The paper's setting at a reduced size (inception_v3 needs >= 75 px per crop).
+    model = create_model("nxst_cnn", backbone="inception_v3", input_size=152, crop_size=76, num_streams=1, num_classes=4)
+    logits = model(torch.randn(2, 3, 152, 152))
+    logits.sum().backward()
+    assert logits.shape == (2, 4)
+    assert model.classifier.in_features == 2048
