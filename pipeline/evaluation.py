@@ -96,14 +96,14 @@ class _Scorer:
     def all_sums(self) -> List[Sums]:
         return [s for s in (self.sums, self.windows, self.parts) if s is not None]
 
-    def all_reduce(self, device: torch.device) -> None:
+    def all_reduce(self, device: torch.device, group=None) -> None:
         """Sum every rank's sums (one collective call) when a process group is running."""
         if not (dist.is_available() and dist.is_initialized()):
             return
         parts = self.all_sums()
         vector = torch.cat([s.to_tensor() for s in parts])
-        vector = vector.to(device) if dist.get_backend() == "nccl" else vector
-        dist.all_reduce(vector)
+        vector = vector.to(device) if dist.get_backend(group) == "nccl" else vector
+        dist.all_reduce(vector, group=group)
         vector, start = vector.cpu(), 0
         for s in parts:
             s.load_tensor(vector[start:start + len(s.values)])
@@ -129,8 +129,10 @@ class _Scorer:
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, device, rank: int = 0,
              world_size: int = 1, max_samples: Optional[int] = None, batch_size: Optional[int] = None,
-             num_workers: Optional[int] = None) -> Dict[str, object]:
+             num_workers: Optional[int] = None, group=None) -> Dict[str, object]:
     """Score `split` with `model` on all ranks; returns the same JSON-able metrics on every rank.
+
+    rank / world_size are the position in `group` (default: the whole process group).
 
     Raises DataError when the ranks together scored (or skipped as corrupt) a different number
     of samples than the manifest lists, unless max_samples stopped them early.
@@ -162,7 +164,7 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
     finally:
         net.train(was_training)
     scorer.sums.add("skipped", loader.num_skipped)
-    scorer.all_reduce(device)
+    scorer.all_reduce(device, group)
     counted, skipped = int(scorer.sums.values["count"]), int(scorer.sums.values["skipped"])
     expected = manifest.num_samples(split)
     cut = max_samples is not None and max_samples < expected

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
-import albumentations as A
 import cv2
 import numpy as np
 
@@ -40,8 +39,10 @@ def effective_resize(cfg: Config) -> int:
     return resize
 
 
-def train_augment(cfg: Config) -> A.Compose:
-    """The albumentations pipeline of cfg.data.augment: uint8 HxWx3 -> uint8 input_size^2 x 3."""
+def train_augment(cfg: Config):
+    """The albumentations Compose of cfg.data.augment: uint8 HxWx3 -> uint8 input_size^2 x 3."""
+    import albumentations as A  # here, not at the top: evaluation-only processes skip its slow import
+
     size, resize = cfg.model.input_size, effective_resize(cfg)
     if cfg.data.augment == "cub":
         steps = [A.SmallestMaxSize(max_size=resize), A.RandomCrop(size, size), A.HorizontalFlip(p=0.5)]
