@@ -160,8 +160,14 @@ def test_svhn_multi_boxes_compose_the_transformers():
 
 
 def test_svhn_rejects_bad_input_size():
-    with pytest.raises(ValueError, match="input_size=60"):
-        create_model("svhn_cnn", input_size=60)
+    with pytest.raises(ValueError, match="input_size=12"):
+        create_model("svhn_cnn", input_size=12)
+
+
+@pytest.mark.parametrize("name", ["svhn_cnn", "svhn_st_single", "svhn_st_multi"])
+def test_svhn_goodfellow_54px_crops(name):
+    model = create_model(name, input_size=54, width=0.125)
+    assert model(torch.randn(2, 3, 54, 54)).shape == (2, 5, 11)
 
 
 @pytest.mark.slow

@@ -33,26 +33,29 @@ def create_timm(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
 
 
 class TrunkLocalisation(nn.Module):
-    """Paper A.5: a timm trunk cut before its last pooling, 1x1 conv to 128 channels, pool, fc 128.
+    """Paper A.5: a timm trunk cut before its last pooling, 1x1 conv to 128 channels, fc 128.
 
     `downscale` > 1 average-pools the input first: at 448 px input the localisation net runs at
-    224 px, as in the paper, which makes it cost one backbone pass instead of four.
+    224 px, as in the paper, which makes it cost one backbone pass instead of four. The paper
+    flattens the trunk's 7x7 map into the fc layer, which keeps *where* features are; adaptive
+    pooling to `grid` x `grid` keeps that while making the fc size independent of the input size.
     """
 
     def __init__(self, backbone: str, *, downscale: int = 1, channels: int = 128, hidden: int = 128,
-                 pretrained: Any = None, in_chans: int = 3):
+                 grid: int = 4, pretrained: Any = None, in_chans: int = 3):
         super().__init__()
         self.downscale = int(downscale)
         self.trunk = create_timm(backbone, pretrained, num_classes=0, global_pool="", in_chans=in_chans)
         self.reduce = nn.Conv2d(self.trunk.num_features, channels, 1)
-        self.fc = nn.Linear(channels, hidden)
+        self.grid = grid
+        self.fc = nn.Linear(channels * grid * grid, hidden)
         self.out_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downscale > 1:
             x = F.avg_pool2d(x, self.downscale)
         x = F.relu(self.reduce(self.trunk(x)))
-        return F.relu(self.fc(x.mean((2, 3))))
+        return F.relu(self.fc(F.adaptive_avg_pool2d(x, self.grid).flatten(1)))
 
 
 class ConvLocalisation(nn.Module):
@@ -60,8 +63,6 @@ class ConvLocalisation(nn.Module):
 
     def __init__(self, in_chans: int, input_size: int, *, channels: int = 32, hidden: Sequence[int] = (32, 32)):
         super().__init__()
-        if input_size % 2:
-            raise ValueError(f"ConvLocalisation needs an even input size, got {input_size}")
         self.convs = nn.Sequential(
             nn.Conv2d(in_chans, channels, 5, 1, 2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(channels, channels, 5, 1, 2), nn.ReLU(inplace=True))

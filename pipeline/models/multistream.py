@@ -29,7 +29,7 @@ class NxSTCNN(nn.Module):
                  input_size: int = 448, crop_size: int = 224, transform: str = "translation",
                  transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
-                 num_control_points: int = 16):
+                 num_control_points: int = 16, loc_grid: int = 4):
         super().__init__()
         if num_streams < 1:
             raise ValueError(f"NxSTCNN needs num_streams >= 1, got {num_streams} (0 is the baseline: cub_baseline)")
@@ -45,7 +45,8 @@ class NxSTCNN(nn.Module):
             bound = "tanh" if transform in ("translation", "attention") and transform_scale < 1 else None
         # A fixed downscale so the localisation trunk sees about crop_size pixels (paper: 448 -> 224).
         downscale = max(1, round(input_size / crop_size))
-        localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, pretrained=loc_pretrained)
+        localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
+                                         pretrained=loc_pretrained)
         self.transformer = SpatialTransformer(localisation, localisation.out_features, transform, crop_size,
                                               num_transforms=num_streams, scale=transform_scale, bound=bound,
                                               num_control_points=num_control_points)
@@ -108,7 +109,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     """Paper A.5 N x ST-CNN; `num_streams=0` is the bare backbone at `crop_size` (input resized).
 
     Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
-    `bound` ("auto" | "tanh" | None), `num_control_points` (tps).
+    `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
+    localisation map fed to its fc layer).
     """
     if num_streams == 0:
         return BackboneClassifier(backbone, num_classes=num_classes, dropout=dropout, pretrained=pretrained,

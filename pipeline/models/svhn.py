@@ -5,7 +5,7 @@
 
 CNN: conv[48,5,1,2]-max[2]-conv[64]-conv[128]-max[2]-conv[160]-conv[192]-max[2]-conv[192]-conv[192]-
 max[2]-conv[192]-fc[3072]-fc[3072]-fc[3072] (all convs 5x5, stride 1, pad 2, ReLU), then five
-parallel fc[11] heads. ST-CNN Single puts an affine transformer before the first conv (localisation
+parallel fc[11] heads. Pools floor odd sizes (Goodfellow et al.'s 54 px crops work too). ST-CNN Single puts an affine transformer before the first conv (localisation
 conv[32,5,1,2]-max[2]-conv[32,5,1,2]-fc[32]-fc[32]); ST-CNN Multi puts one before each of the first
 four convs, acting on the feature maps, each with an fc[32]-fc[32] localisation net. Every
 transformer starts as the identity. `width` scales all conv and fc widths (tests use small ones).
@@ -35,8 +35,8 @@ class SVHNNet(nn.Module):
                  transformers: str = "none", in_chans: int = 3):
         super().__init__()
         pools = sum(pool for _, pool in CONV_LAYERS)
-        if input_size % 2 ** pools:
-            raise ValueError(f"SVHN input_size={input_size} must be a multiple of {2 ** pools}")
+        if input_size < 2 ** pools:
+            raise ValueError(f"SVHN input_size={input_size} is smaller than {2 ** pools} (four 2x2 max pools)")
         if transformers not in ("none", "single", "multi"):
             raise ValueError(f"transformers={transformers!r} is not one of none, single, multi")
         self.input_size = input_size

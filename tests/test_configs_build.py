@@ -1,0 +1,62 @@
+"""Every experiment YAML under configs/ (sweeps aside) loads, validates and builds its model.
+
+The models are shrunk with overrides (a tiny timm backbone, inputs / 7, thin SVHN nets) so the
+whole loop stays fast; the file's own structure (streams, downscale, transform) is kept.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.models import build_model
+from test_spatial_transformer import _one_thread  # noqa: F401  (autouse: one intra-op thread)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "sweeps" not in p.relative_to(REPO / "configs").parts)
+TIMM_MODELS = ("nxst_cnn", "cub_baseline")
+
+
+def _small_overrides(cfg) -> list[str]:
+    m = cfg.model
+    if m.name in TIMM_MODELS:
+        # 448 -> 64 and 224 -> 32 keep the input / crop ratio, hence the localisation downscale.
+        return ["model.backbone=test_resnet", "model.loc_backbone=null", "model.pretrained=null",
+                f"model.input_size={m.input_size // 7}", f"model.crop_size={m.crop_size // 7}"]
+    if m.name.startswith("svhn_"):
+        return ["model.extra.width=0.125"]
+    return []
+
+
+def test_configs_exist():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in CONFIGS}
+    expected = {"cub/baseline_224.yaml", "cub/st2_224.yaml", "cub/st2_448.yaml", "cub/st4_448.yaml"}
+    expected |= {f"svhn/{kind}_{size}.yaml" for kind in ("cnn", "st_single", "st_multi") for size in (64, 128)}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_config_loads_and_builds(path):
+    first = path.read_text().splitlines()[0]
+    relative = path.relative_to(REPO).as_posix()
+    assert first.startswith("# python -m pipeline.") and relative in first, f"{relative} must start with its command"
+    cfg = load_config(path)
+    small = load_config(path, _small_overrides(cfg))
+    assert small.model.num_streams == cfg.model.num_streams
+    model = build_model(small.model).eval()
+    groups = model.parameter_groups()
+    if "localisation" in groups:  # the paper's known trap: a full-lr localisation net collapses
+        assert 0 < cfg.optim.lr_scale.get("localisation", 1.0) < 1, f"{relative}: set optim.lr_scale.localisation"
+    if cfg.model.name == "nxst_cnn" and cfg.model.num_streams:
+        assert len(model.streams) == cfg.model.num_streams
+        assert model.transformer.localisation.downscale == round(cfg.model.input_size / cfg.model.crop_size)
+    size = small.model.input_size
+    channels = 1 if small.data.augment == "digits" else 3
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size))
+    if getattr(model, "task", "classification") == "sequence":
+        assert out.shape == (2, 5, 11)
+    else:
+        assert out.shape[0] == 2 and out.dim() == 2
