@@ -1,0 +1,156 @@
+"""Pre-flight checks for cluster jobs: bad input fails here, before a job waits for GPUs.
+
+    python jobs/preflight.py train CONFIG [section.key=value ...] [--world-size N] [--print-run-dir]
+    python jobs/preflight.py sweep SWEEP.yaml [key=value ...]
+    python jobs/preflight.py prep DATASET --root RAW --out OUT [data_prep options ...]   (prints OUT)
+
+`jobs/submit` runs these on the login node before `sbatch`, and every job script runs them again
+as its first step (the files may have moved while the job was queued). A failure prints one
+line, `error: ...`, naming the file, key or value, and exits 2. Only light modules are imported
+(the config schema, the sweep schema): a check takes about a second, not a torch import.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: import this checkout's packages
+    sys.path.insert(0, str(REPO))
+
+PREP_DATASETS = ("cub", "svhn", "digits", "synthetic-cub")
+
+
+class PreflightError(Exception):
+    """One line naming what is wrong and where."""
+
+
+def check_data_root(root: Optional[str], splits: Sequence[str], where: str = "data.root") -> int:
+    """The shard folder exists, its manifest.json parses, names `splits`, and lists shards that exist.
+
+    Returns the number of samples of the first split. (The trainer checks sizes and contents
+    again: this only catches what would otherwise cost a queue wait.)
+    """
+    if not root:
+        raise PreflightError(f"{where} is not set: pass {where}=/path/to/shards (a folder holding manifest.json "
+                             "from python -m data_prep) or set DATA_ROOT")
+    folder = Path(root)
+    if not folder.is_dir():
+        raise PreflightError(f"{where}={root}: folder not found")
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise PreflightError(f"{where}={root}: no manifest.json there; prepare the shards first "
+                             "(python -m data_prep ... or jobs/submit prep ...)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        declared = manifest["splits"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise PreflightError(f"{manifest_path}: not a data_prep manifest ({type(err).__name__}: {err})") from None
+    for split in splits:
+        if split not in declared:
+            raise PreflightError(f"{manifest_path}: no split '{split}' (has {', '.join(sorted(declared)) or 'none'})")
+        for shard in declared[split].get("shards", []):
+            if not (folder / shard["name"]).is_file():
+                raise PreflightError(f"{manifest_path}: shard {shard['name']} of split '{split}' is missing")
+    return int(declared[splits[0]].get("num_samples", 0)) if splits else 0
+
+
+def check_train(config: Optional[str], overrides: Sequence[str], world_size: Optional[int] = None):
+    """Load and validate the experiment config as the trainer will; check its data and weights."""
+    from pipeline.config import ConfigError, load_config, validate
+
+    if not config:
+        raise PreflightError("no experiment config given: pass CONFIG (e.g. configs/cub/st2_448.yaml)")
+    try:
+        cfg = load_config(config, overrides)
+        if world_size:
+            validate(cfg, world_size)
+    except ConfigError as err:
+        raise PreflightError(str(err)) from None
+    num_train = check_data_root(cfg.data.root, [cfg.data.train_split, cfg.data.eval_split])
+    pretrained = cfg.model.pretrained
+    if isinstance(pretrained, str) and pretrained.lower() not in ("true", "timm") and not Path(pretrained).is_file():
+        raise PreflightError(f"model.pretrained={pretrained}: weights file not found")
+    print(f"preflight ok: {config}: data.root={cfg.data.root} ({num_train} {cfg.data.train_split} samples), "
+          f"run.dir={cfg.run.dir}" + (f", world size {world_size}" if world_size else ""), file=sys.stderr)
+    return cfg
+
+
+def check_sweep(config: Optional[str], overrides: Sequence[str]):
+    """The sweep file and the experiment config of its trials, and their data root."""
+    from pipeline.config import ConfigError
+    from pipeline.tune.sweep import SweepError, load_sweep
+
+    if not config:
+        raise PreflightError("no sweep config given: pass SWEEP.yaml (e.g. configs/sweeps/tiny_cpu.yaml)")
+    try:
+        sweep = load_sweep(config, overrides)
+        cfg = sweep.base_config()
+    except (SweepError, ConfigError) as err:
+        raise PreflightError(str(err)) from None
+    check_data_root(cfg.data.root, [cfg.data.train_split, cfg.data.eval_split])
+    print(f"preflight ok: {config}: data.root={cfg.data.root}, experiment {sweep.experiment_dir}", file=sys.stderr)
+    return sweep
+
+
+def _option(args: Sequence[str], name: str) -> Optional[str]:
+    """The value of `--name V` or `--name=V` in a data_prep argument list."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_prep(args: Sequence[str]) -> Path:
+    """A data_prep command line: known dataset, raw root present, output not a file. Returns --out."""
+    if not args or args[0] not in PREP_DATASETS:
+        got = args[0] if args else "nothing"
+        raise PreflightError(f"data_prep dataset '{got}' is not one of {', '.join(PREP_DATASETS)}")
+    root, out = _option(args, "--root"), _option(args, "--out")
+    if args[0] != "synthetic-cub":  # synthetic data has no raw root
+        if not root:
+            raise PreflightError(f"data_prep {args[0]}: --root RAW is required")
+        if not Path(root).exists():
+            raise PreflightError(f"data_prep {args[0]}: --root {root}: raw dataset folder not found")
+    if not out:
+        raise PreflightError(f"data_prep {args[0]}: --out OUT is required")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise PreflightError(f"data_prep {args[0]}: --out {out} exists and is not a folder")
+    return Path(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "sweep", "prep"):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    kind, rest = argv[0], argv[1:]
+    world_size, print_run_dir = None, False
+    if "--print-run-dir" in rest:
+        rest.remove("--print-run-dir")
+        print_run_dir = True
+    if "--world-size" in rest:
+        i = rest.index("--world-size")
+        world_size = int(rest[i + 1])
+        del rest[i:i + 2]
+    try:
+        if kind == "train":
+            cfg = check_train(rest[0] if rest else None, rest[1:], world_size)
+            if print_run_dir:
+                print(cfg.run.dir)
+        elif kind == "sweep":
+            check_sweep(rest[0] if rest else None, rest[1:])
+        else:
+            print(check_prep(rest))
+    except PreflightError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
