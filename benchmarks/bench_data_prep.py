@@ -1,0 +1,146 @@
+"""Throughput of `python -m data_prep cub` against the bound of reading the same bytes, side by side.
+
+    .venv/bin/python benchmarks/bench_data_prep.py --images 6000 --workers 1 2 --json runs/bench_data_prep.json
+
+Builds a CUB-like root of N images (the real CUB JPEGs of ../shared/data repeated under new ids,
+else synthetic JPEGs of CUB's size), reads it once so every figure is warm-cache, then times, in
+turn and `--repeats` times each (median reported):
+  read bound   `tar cf - images | cat > /dev/null`  (GNU tar skips reading when -f is /dev/null)
+  tar bound    `tar cf OUT/all.tar images`           (read + write the bytes once: the job's own I/O)
+  data_prep    `python -m data_prep cub --workers W` for each W (and `--check full` with one worker)
+and prints samples/s and the ratio bound / data_prep (goal: <= 2 with one worker).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CUB = REPO.parent / "shared" / "data" / "cub" / "CUB_200_2011"
+
+
+def build_root(dest: Path, num_images: int) -> Path:
+    """A CUB_200_2011 layout with `num_images` images in 200 classes, half train, 15 parts."""
+    root = dest / "CUB_200_2011"
+    shutil.rmtree(root, ignore_errors=True)
+    sources = sorted(SHARED_CUB.glob("images/*/*.jpg")) if SHARED_CUB.is_dir() else []
+    synthetic = None if sources else _synthetic_jpegs(8)
+    (root / "parts").mkdir(parents=True)
+    classes = [f"{c:03d}.Class_{c}" for c in range(1, 201)]
+    images, labels, split, boxes, locs = [], [], [], [], []
+    for i in range(1, num_images + 1):
+        cls = (i - 1) % 200 + 1
+        rel = f"{classes[cls - 1]}/img_{i:06d}.jpg"
+        path = root / "images" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if sources:
+            shutil.copyfile(sources[i % len(sources)], path)
+        else:
+            path.write_bytes(synthetic[i % len(synthetic)])
+        images.append(f"{i} {rel}")
+        labels.append(f"{i} {cls}")
+        split.append(f"{i} {i % 2}")
+        boxes.append(f"{i} 10.0 20.0 100.0 120.0")
+        locs.extend(f"{i} {p} {50.0 + p} {60.0 + p} 1" for p in range(1, 16))
+    files = {"classes.txt": [f"{c} {n}" for c, n in enumerate(classes, 1)], "images.txt": images,
+             "image_class_labels.txt": labels, "train_test_split.txt": split, "bounding_boxes.txt": boxes,
+             "parts/parts.txt": [f"{p} part {p}" for p in range(1, 16)], "parts/part_locs.txt": locs}
+    for name, lines in files.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _synthetic_jpegs(count: int) -> list:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        smooth = rng.integers(0, 256, (47, 63, 3), dtype=np.uint8)
+        Image.fromarray(smooth).resize((500, 375), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def timed(cmd, shell: bool = False) -> float:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    start = time.perf_counter()
+    subprocess.run(cmd, shell=shell, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=6000, help="images in the CUB-like root (default 6000)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default="runs/bench_data_prep.json")
+    parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_prep_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        root = build_root(work, args.images)
+        nbytes = sum(p.stat().st_size for p in (root / "images").rglob("*.jpg"))
+        timed(f"tar cf - -C {root} images | cat > /dev/null", shell=True)  # warm the page cache
+
+        def data_prep(workers: int, check: str = "fast"):
+            out = work / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            return timed([sys.executable, "-m", "data_prep", "cub", "--root", str(root), "--out", str(out),
+                          "--workers", str(workers), "--check", check])
+
+        runs = {"read_bound": [], "tar_bound": []}
+        variants = [(w, "fast") for w in args.workers] + [(1, "full")]
+        for w, check in variants:
+            runs[f"data_prep_w{w}_{check}"] = []
+        for _ in range(args.repeats):  # interleaved so that machine load hits every variant alike
+            runs["read_bound"].append(timed(f"tar cf - -C {root} images | cat > /dev/null", shell=True))
+            runs["tar_bound"].append(timed(["tar", "cf", str(work / "all.tar"), "-C", str(root), "images"]))
+            (work / "all.tar").unlink()
+            for w, check in variants:
+                runs[f"data_prep_w{w}_{check}"].append(data_prep(w, check))
+        median = {name: statistics.median(times) for name, times in runs.items()}
+        rate = {name: args.images / t for name, t in median.items()}
+        result = {
+            "command": "benchmarks/bench_data_prep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_avg_1m": os.getloadavg()[0]},
+            "images": args.images, "megabytes": round(nbytes / 1e6, 1), "repeats": args.repeats,
+            "seconds_median": {k: round(v, 3) for k, v in median.items()},
+            "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
+            "ratio_read_bound_over_data_prep": {k: round(rate["read_bound"] / v, 2) for k, v in rate.items()
+                                                 if k.startswith("data_prep")},
+            "ratio_tar_bound_over_data_prep": {k: round(rate["tar_bound"] / v, 2) for k, v in rate.items()
+                                                if k.startswith("data_prep")},
+        }
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{'variant':<24}{'seconds':>10}{'samples/s':>12}{'read bound / this':>20}")
+    for name in median:
+        print(f"{name:<24}{median[name]:>10.3f}{rate[name]:>12.1f}{rate['read_bound'] / rate[name]:>20.2f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
