@@ -98,11 +98,14 @@ def write_tiny_cub_shards(out_dir, num_classes: int = 3, train_per_class: int = 
             img, bbox, parts = _cub_image(size, class_id, colours, rng)
             mode = "L" if key in grayscale else "CMYK" if key in cmyk else "RGB"
             data = b"\xff\xd8 not a jpeg " + key.encode() if key in corrupt else _jpeg_bytes(img, mode)
-            meta = {"id": image_id, "class_id": class_id, "class_name": classes[class_id],
-                    "size": [img.width, img.height], "bbox": bbox, "parts": parts}
+            # as data_prep cub: class_id is CUB's 1-based id, label (= cls) the 0-based index
+            meta = {"id": image_id, "file": f"{classes[class_id]}/{key}.jpg", "class_id": class_id + 1,
+                    "label": class_id, "class_name": classes[class_id], "size": [img.width, img.height],
+                    "mode": mode, "bbox": bbox, "parts": parts}
             samples[split].append({"__key__": key, "jpg": data, "cls": class_id, "json": meta})
     manifest = {"dataset": "cub", "task": "classification", "format_version": FORMAT_VERSION,
-                "created_by": "tests/shard_fixtures.py", "classes": classes, "parts": CUB_PART_NAMES,
+                "created_by": "tests/shard_fixtures.py", "classes": classes,
+                "class_ids": list(range(1, num_classes + 1)), "parts": CUB_PART_NAMES,
                 "splits": _write_splits(out_dir, samples, shards_per_split), "skipped": [],
                 "source": {"root": None, "options": {"seed": seed, "size": size}}}
     write_json_atomic(out_dir / "manifest.json", manifest)
@@ -124,6 +127,15 @@ def _svhn_image(height: int, digits: List[int], rng: random.Random):
         draw.text((x + cell // 4, y0 + cell // 4), str(d), fill=fg)
         boxes.append([x, y0, cell, cell])
     return img, boxes
+
+
+def tiny_config(*overrides: str):
+    """A config that fits these shards and runs in a blink on CPU (32 px input, 3 classes, no workers)."""
+    from pipeline.config import load_config
+
+    return load_config(None, ["model.input_size=32", "model.crop_size=16", "model.num_classes=3",
+                              "train.num_workers=0", "train.global_batch_size=8", "data.shuffle_buffer=16",
+                              *overrides])
 
 
 def write_tiny_svhn_shards(out_dir, train_samples: int = 12, test_samples: int = 6, size: int = 64,

@@ -6,10 +6,15 @@ import json
 import subprocess
 import tarfile
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from shard_fixtures import CUB_PART_NAMES, write_tiny_cub_shards, write_tiny_svhn_shards
+from pipeline.data import (DataError, build_eval_loader, build_train_loader, decode_rgb, effective_resize,
+                           eval_transform, normalize, read_manifest)
+
+from shard_fixtures import CUB_PART_NAMES, tiny_config, write_tiny_cub_shards, write_tiny_svhn_shards
 
 
 def _tar_members(path):
@@ -48,18 +53,6 @@ def test_fixture_writes_svhn_contract(tmp_path):
 
 
 # ----- manifest checks ---------------------------------------------------------------------------
-
-import numpy as np
-import torch
-
-from pipeline.config import load_config
-from pipeline.data import (DataError, build_eval_loader, build_train_loader, decode_rgb, effective_resize,
-                           eval_transform, normalize, read_manifest)
-
-
-def tiny_config(*overrides):
-    return load_config(None, ["model.input_size=32", "model.crop_size=16", "model.num_classes=3",
-                              "train.num_workers=0", "data.shuffle_buffer=16", *overrides])
 
 
 @pytest.fixture(scope="module")

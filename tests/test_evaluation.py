@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.config import load_config
 from pipeline.data import DataError, read_manifest
 from pipeline.evaluation import evaluate
 from pipeline.metrics import (PartHitSums, WindowSums, box_iou, contains, flatten, outside_fraction,
                               sequence_correct, top1_correct)
 
 from conftest import PYTHON, REPO, subprocess_env  # tests/ is on sys.path under pytest and as a script
-from shard_fixtures import write_tiny_cub_shards, write_tiny_svhn_shards
+from shard_fixtures import tiny_config, write_tiny_cub_shards, write_tiny_svhn_shards
 
 
 # ----- pure metrics --------------------------------------------------------------------------------
@@ -118,11 +117,6 @@ class ConstantDigits(nn.Module):
         return self.bias.expand(x.shape[0], -1, -1)
 
 
-def tiny_config(*overrides):
-    return load_config(None, ["model.input_size=32", "model.crop_size=16", "model.num_classes=3",
-                              "train.num_workers=0", "train.global_batch_size=8", *overrides])
-
-
 # ----- evaluation ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -202,6 +196,20 @@ def test_part_hit_rate_geometry_by_hand(tmp_path):
     metrics = evaluate(ColourClassifier(boxes=boxes), tiny_config(), read_manifest(tmp_path), "test", "cpu")
     assert metrics["part_hit_rate"] == [{"head": 1.0, "tail": 0.0}, {"head": 0.0, "tail": 1.0}]
     # the tail sits 0.05 inside stream 1's box: a view off by one input pixel (0.0625) would miss it
+
+
+@pytest.mark.slow  # importing timm takes seconds on a loaded 2-core machine
+def test_evaluate_a_real_nxst_cnn(split37):
+    """The model zoo's 2 x ST-CNN (tiny timm backbone, random init) through the same evaluation."""
+    from pipeline.models import build_model
+
+    cfg = tiny_config("model.name=nxst_cnn", "model.backbone=test_resnet", "model.num_streams=2",
+                      "model.input_size=64", "model.crop_size=32", "model.dropout=0.0")
+    torch.manual_seed(0)
+    metrics = evaluate(build_model(cfg.model), cfg, read_manifest(split37), "test", "cpu", max_samples=12)
+    assert metrics["num_samples"] == 12 and len(metrics["windows"]["streams"]) == 2
+    assert len(metrics["part_hit_rate"]) == 2 and metrics["part_hit_rate"][0]
+    assert all(0.0 <= rate <= 1.0 for stream in metrics["part_hit_rate"] for rate in stream.values())
 
 
 # ----- exact-once over ranks and workers (real torchrun processes, gloo) ------------------------------

@@ -78,10 +78,11 @@ def sample_json(sample: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def classification_target(sample: Dict[str, Any], meta: Dict[str, Any]) -> int:
+    """The 0-based class: `cls`, else json "label" (json "class_id" is CUB's 1-based id, not this)."""
     try:
-        return int(sample["cls"]) if "cls" in sample else int(meta["class_id"])
+        return int(sample["cls"]) if "cls" in sample else int(meta["label"])
     except (KeyError, ValueError) as err:
-        raise CorruptSample(f"no class label (cls or json class_id): {err}")
+        raise CorruptSample(f"no class label (cls or json label): {err!r}")
 
 
 def sequence_target(meta: Dict[str, Any], max_length: int) -> np.ndarray:
