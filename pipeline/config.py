@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 8
     precision: str = "bf16"                # bf16 | fp16 | fp32 (CPU runs use fp32 unless told)
+    cpu_autocast: bool = False             # CPU: honour precision=bf16 (default: fp32 on CPU)
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False

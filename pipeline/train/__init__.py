@@ -1,0 +1,83 @@
+"""The DDP trainer: `run(cfg)` from Python (a Ray worker, a notebook), `main(argv)` for the CLI.
+
+    python -m pipeline.train --config configs/cub/st2_448.yaml run.dir=runs/st2 optim.lr=0.01
+    torchrun --nproc_per_node 8 -m pipeline.train --config ...       # one node, 8 GPUs
+    srun --ntasks-per-node 8 python -m pipeline.train --config ...    # SLURM: ranks from SLURM_*
+
+Exit codes of the CLI: 0 done; 2 bad input (config, data, checkpoint: a one-line `error: ...`);
+1 the loss became NaN/inf; REQUEUE_EXIT_CODE (3) stopped by SIGTERM/SIGUSR1 after writing
+`checkpoints/last.pt` -- requeue the job and it continues with `train.resume=auto`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from pipeline.config import Config, ConfigError, load_config, validate
+from pipeline.train.distributed import planned_world_size, setup, teardown
+from pipeline.train.signals import REQUEUE_EXIT_CODE, Preempted
+from pipeline.train.trainer import NonFiniteLoss, Trainer
+
+__all__ = ["run", "main", "REQUEUE_EXIT_CODE", "Preempted", "NonFiniteLoss", "Trainer"]
+
+
+def run(cfg: Config, on_eval: Optional[Callable[[int, Dict[str, Any], Optional[Path]], None]] = None) -> Dict[str, Any]:
+    """Train `cfg` on this process's share of the job; returns {step, metrics, best_metric, checkpoint, run_dir}.
+
+    Joins the process group that exists (Ray Train), or the one torchrun / srun describe, or runs
+    alone. `on_eval(step, metrics, checkpoint_path_or_None)` is called on every rank after each
+    evaluation with the all-reduced metrics. Raises Preempted after a stop signal's checkpoint,
+    NonFiniteLoss on a NaN/inf loss, ConfigError / ValueError on bad input.
+    """
+    _default_logging()
+    validate(cfg, planned_world_size())  # before the rendezvous: a bad batch size fails at once
+    env = setup(cfg.train.device)
+    try:
+        return Trainer(cfg, env, on_eval).fit()
+    finally:
+        teardown(env)
+
+
+def _default_logging() -> None:
+    # Log lines must show up in batch jobs and Ray workers that configured no logging themselves.
+    logger = logging.getLogger("pipeline")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _input_errors() -> tuple:
+    errors: tuple = (ConfigError, ValueError, FileNotFoundError)
+    try:
+        from pipeline.data import DataError
+        errors += (DataError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="experiment YAML (only what differs from the defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run(cfg)
+    except Preempted as stop:
+        print(f"{stop}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except _input_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logging.getLogger("pipeline.train").info("done: step %d, best %s, checkpoint %s",
+                                              summary["step"], summary["best_metric"], summary["checkpoint"])
+    return 0

@@ -1,0 +1,131 @@
+"""Checkpoints: atomic writes, `last` / `best` / the newest K periodic files, RNG states.
+
+A checkpoint holds only tensors and plain Python values, so it loads with
+`torch.load(weights_only=True)` (no arbitrary unpickling):
+    model, optimizer, schedule, scaler   state dicts (the model unwrapped from DDP / compile)
+    step, images_seen, best_metric       progress
+    rng                                  one entry per rank: torch, numpy, python, cuda states
+    config                               the resolved config as a dict (pipeline.config.to_dict)
+    metrics                              the latest evaluation, if any
+Layout under `<run.dir>/checkpoints/`: `step_NNNNNNN.pt` (newest `keep` kept), `last.pt` and
+`best.pt` (hard links to a step file when the filesystem allows, else copies).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names it."""
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's random states, as tensors and lists (weights_only-safe)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write `obj` to `path` so that `path` is either the old file or the complete new one."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_alias(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # filesystems without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load(path: str | Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, foreign pickle, ...
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {str(err).splitlines()[0]}") from None
+    for key in ("model", "step", "config"):
+        if key not in state:
+            raise CheckpointError(f"{path}: not a pipeline checkpoint (no '{key}' entry)")
+    return state
+
+
+class CheckpointDir:
+    """`<run.dir>/checkpoints`: writes step files, keeps the newest `keep`, aliases last/best."""
+
+    def __init__(self, root: str | Path, keep: int):
+        self.root = Path(root)
+        self.keep = keep
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.pt"
+
+    def step_path(self, step: int) -> Path:
+        return self.root / f"step_{step:07d}.pt"
+
+    def save(self, state: Dict[str, Any], step: int, is_best: bool) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.step_path(step)
+        atomic_save(state, path)
+        _atomic_alias(path, self.last)
+        if is_best:
+            _atomic_alias(path, self.best)
+        self._rotate()
+        return path if path.exists() else self.last  # keep=0 rotates the step file away at once
+
+    def _rotate(self) -> None:
+        periodic = sorted(self.root.glob("step_*.pt"))
+        for old in periodic[:max(0, len(periodic) - self.keep)]:
+            old.unlink(missing_ok=True)
+
+    def resume_path(self, resume: Optional[str]) -> Optional[Path]:
+        """The file `train.resume` points at: null -> none, auto -> last.pt if present, else a path."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.last if self.last.is_file() else None
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"train.resume={resume}: checkpoint not found")
+        return path

@@ -1,0 +1,123 @@
+"""Watching a run: metrics.jsonl, TensorBoard and the rank-0 progress bar / log lines.
+
+Only rank 0 writes; other ranks get a `Monitor` that does nothing, so callers never branch.
+`metrics.jsonl` holds one JSON object per line: {"step", "split", "time", <values>...}; split
+is `train` for training log lines, the evaluated split (e.g. `test`) for evaluations.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+from tqdm import tqdm
+
+from pipeline.metrics import flatten
+
+log = logging.getLogger("pipeline.train")
+
+
+def drop_lines_after(path: Path, step: int) -> None:
+    """Forget what a killed attempt logged after the checkpoint a resumed run restarts from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+class Throughput:
+    """Images/s, data-wait share and ETA over the steps since the last `reset`."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+    def add(self, data_wait: float) -> None:
+        self.steps += 1
+        self.wait += data_wait
+
+    def values(self, steps_left: int) -> Dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        per_step = elapsed / max(self.steps, 1)
+        return {"images_per_s": self.images_per_step * self.steps / elapsed,
+                "data_wait_pct": 100.0 * self.wait / elapsed, "eta_s": per_step * steps_left}
+
+
+class Monitor:
+    """metrics.jsonl + TensorBoard + tqdm on rank 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int):
+        self.enabled = enabled
+        self.bar = None
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if start_step:
+            drop_lines_after(run_dir / "metrics.jsonl", start_step)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only on rank 0
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+        # A bar only on a terminal; batch jobs get plain log lines every train.log_every steps.
+        self.interactive = sys.stderr.isatty()
+        if self.interactive:
+            self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, unit="step")
+
+    def record(self, step: int, split: str, values: Dict[str, object]) -> None:
+        if not self.enabled:
+            return
+        line = {"step": step, "split": split, "time": round(time.time(), 3), **values}
+        self.jsonl.write(json.dumps(line, default=str) + "\n")
+        for key, value in flatten(values).items():  # nested metrics (windows/...) as scalars
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def show(self, step: int, max_steps: int, values: Dict[str, float]) -> None:
+        """The bar's postfix on a terminal, else one log line."""
+        if not self.enabled:
+            return
+        text = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.3g}",
+                "img/s": f"{values['images_per_s']:.1f}", "wait": f"{values['data_wait_pct']:.0f}%"}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+        else:
+            eta = time.strftime("%H:%M:%S", time.gmtime(values["eta_s"]))
+            log.info("step %d/%d  %s  eta %s", step, max_steps,
+                     "  ".join(f"{k} {v}" for k, v in text.items()), eta)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            log.info(text)
+
+    def add_image(self, tag: str, path: Path, step: int) -> None:
+        if self.enabled:
+            import numpy as np
+            from PIL import Image
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        self.jsonl.close()

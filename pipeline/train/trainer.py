@@ -1,0 +1,359 @@
+"""The fit loop. `Trainer.fit()` is the outline; each step of it is a named method below.
+
+Step numbering: `self.step` counts optimiser steps done. Evaluation, checkpoint and picture
+happen after step s when s is a multiple of their interval, and after the last step.
+
+Determinism (CPU, fixed seeds): the training stream is rebuilt from (train.seed, step) at the start
+and after every periodic checkpoint, and every rank's RNG states are saved in the checkpoint, so a
+run resumed from a periodic checkpoint sees the same batches and dropout masks as an
+uninterrupted one. A checkpoint written on a stop signal sits mid-segment: the resumed run then
+draws a fresh stream from (seed, that step), so it trains on other (equally distributed) batches
+than an uninterrupted run would have. On CUDA, `grid_sample`'s backward is not deterministic.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.config import Config, per_rank_batch, save_config, to_dict
+from pipeline.models import build_model
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.distributed import DistEnv, all_gather_object, any_rank, barrier
+from pipeline.train.monitor import Monitor, Throughput
+from pipeline.train.optim import build_optimizer, build_schedule, lrs_by_role
+from pipeline.train.signals import Preempted, StopRequest
+from pipeline.train.viz import attention_picture
+
+log = logging.getLogger("pipeline.train")
+OnEval = Callable[[int, Dict[str, Any], Optional[Path]], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; nothing was written after it."""
+
+
+def stream_seed(seed: int, step: int) -> int:
+    """Seed of the training stream that starts at `step` (any two distinct (seed, step) differ)."""
+    return seed * 1_000_003 + step
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; sequence logits (B, L, C) against targets (B, L) count every position."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+
+
+def resolve_precision(asked: str, device: torch.device, cpu_autocast: bool) -> str:
+    """The precision a run uses: as asked on CUDA; on CPU fp32 unless bf16 autocast is asked for
+    (train.cpu_autocast), since CPU autocast is slow or missing for many kernels."""
+    if device.type == "cpu":
+        return "bf16" if asked == "bf16" and cpu_autocast else "fp32"
+    return asked
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def best_metric_name(model: nn.Module) -> str:
+    return "sequence_accuracy" if getattr(model, "task", "classification") == "sequence" else "top1"
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, on_eval: Optional[OnEval] = None):
+        self.cfg, self.env, self.on_eval = cfg, env, on_eval
+        self.run_dir = Path(cfg.run.dir)
+        self.micro_batch, self.accum_steps = per_rank_batch(cfg, env.world_size)
+        self.step = 0
+        self.images_seen = 0
+        self.best: Optional[float] = None
+        self.metrics: Optional[Dict[str, Any]] = None
+        self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ the outline
+
+    def fit(self) -> Dict[str, Any]:
+        t = self.cfg.train
+        self.manifest = self.read_data()
+        self.build_model_and_optimiser()
+        self.restore_or_start()
+        self.monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.step)
+        self.log_setup()
+        stream = self.train_stream()
+        speed = Throughput(self.cfg.train.global_batch_size)
+        try:
+            with StopRequest() as stop:
+                while self.step < t.max_steps:
+                    loss, wait = self.train_step(stream)
+                    self.step += 1
+                    self.images_seen += t.global_batch_size
+                    speed.add(wait)
+                    self.monitor.advance(self.step)
+                    if self.step % t.log_every == 0:
+                        self.log_train(loss, speed)
+                    stopping = any_rank(self.env, stop.received)
+                    final = self.step == t.max_steps
+                    periodic = self.step % t.checkpoint_every == 0
+                    if self.step % t.eval_every == 0 or final:
+                        self.evaluate_and_checkpoint(periodic or final or stopping)
+                    elif periodic or stopping:
+                        self.save_checkpoint()
+                    if stopping and not final:
+                        raise Preempted(self.step, stop.signal_name or "a signal on another rank",
+                                        str(self.checkpoints.last))
+                    if periodic and not final:
+                        stream = self.train_stream()  # a new segment: see the module docstring
+                        speed.reset()
+        finally:
+            self.monitor.close()
+        return self.summary()
+
+    # ------------------------------------------------------------------ setup
+
+    def read_data(self):
+        from pipeline.data import read_manifest
+        if not self.cfg.data.root:
+            raise ValueError("data.root is not set: point it at the folder holding manifest.json")
+        return read_manifest(self.cfg.data.root)
+
+    def build_model_and_optimiser(self) -> None:
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = build_model(cfg.model)
+        self.task = getattr(model, "task", "classification")
+        self.optimizer = build_optimizer(model, cfg.optim, env.device)
+        self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.train.max_steps)
+        self.memory_format = torch.channels_last if self.cfg.train.channels_last and env.device.type == "cuda" \
+            else torch.contiguous_format
+        self.model = model.to(env.device, memory_format=self.memory_format)
+        self.precision = resolve_precision(cfg.train.precision, env.device, cfg.train.cpu_autocast)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
+        self.train_model = self.wrap_model(self.model)
+        self.seed_rngs(cfg.train.seed)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        t = self.cfg.train
+        if t.sync_bn and self.env.distributed and self.env.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.model = model
+        if self.env.distributed:
+            model = DDP(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
+                        bucket_cap_mb=t.ddp_bucket_cap_mb, gradient_as_bucket_view=True)
+        if t.compile:
+            model = torch.compile(model)
+        return model
+
+    def seed_rngs(self, seed: int) -> None:
+        # Per-rank seeds: ranks draw different dropout masks and augmentations.
+        s = seed * 1000 + self.env.rank
+        torch.manual_seed(s)
+        np.random.seed(s % 2**32)
+        import random
+        random.seed(s)
+
+    def restore_or_start(self) -> None:
+        path = self.checkpoints.resume_path(self.cfg.train.resume)
+        if path is None:
+            if self.env.is_main:
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            return
+        state = ckpt.load(path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ckpt.CheckpointError(f"{path}: weights do not fit model.name={self.cfg.model.name}: "
+                                       f"{str(err).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.best, self.metrics = state["best_metric"], state["metrics"]
+        rngs = state["rng"]
+        if len(rngs) == self.env.world_size:
+            ckpt.set_rng_state(rngs[self.env.rank])
+        else:  # another world size: fresh but reproducible per-rank streams
+            self.seed_rngs(stream_seed(self.cfg.train.seed, self.step))
+        if self.env.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        log.info("resumed from %s at step %d", path, self.step) if self.env.is_main else None
+
+    def log_setup(self) -> None:
+        t, env = self.cfg.train, self.env
+        groups = {}
+        for g in self.optimizer.param_groups:
+            role = groups.setdefault(g["role"], {"params": 0, "lr": g["lr"]})
+            role["params"] += sum(p.numel() for p in g["params"])
+        self.monitor.message(
+            f"world size {env.world_size} on {env.device.type}, global batch {t.global_batch_size} = "
+            f"{env.world_size} ranks x micro batch {self.micro_batch} x {self.accum_steps} accumulation "
+            f"step(s); precision {self.precision}; model {self.cfg.model.name} "
+            f"({sum(g['params'] for g in groups.values()):,} parameters)")
+        for role, g in groups.items():
+            self.monitor.message(f"  group {role}: {g['params']:,} parameters, lr {g['lr']:.3g}")
+        self.monitor.record(self.step, "setup", {
+            "world_size": env.world_size, "micro_batch_size": self.micro_batch,
+            "accumulation_steps": self.accum_steps, "global_batch_size": t.global_batch_size,
+            "precision": self.precision, "device": env.device.type})
+
+    # ------------------------------------------------------------------ training
+
+    def train_stream(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        from pipeline.data import build_train_loader
+        return iter(build_train_loader(self.cfg, self.manifest, self.env.rank, self.env.world_size,
+                                       self.micro_batch, stream_seed(self.cfg.train.seed, self.step)))
+
+    def autocast(self):
+        return autocast(self.env.device, self.precision)
+
+    def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        from pipeline.data import normalize
+        d = self.cfg.data
+        images = images.to(self.env.device, non_blocking=True)
+        targets = targets.to(self.env.device, non_blocking=True)
+        return normalize(images, d.mean, d.std, self.memory_format == torch.channels_last), targets
+
+    def next_batch(self, stream) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        start = time.perf_counter()
+        images, targets = next(stream)
+        wait = time.perf_counter() - start
+        images, targets = self.to_device(images, targets)
+        return images, targets, wait
+
+    def train_step(self, stream) -> Tuple[torch.Tensor, float]:
+        """One optimiser step over `accum_steps` micro batches; returns (mean loss, data wait s)."""
+        total, wait = torch.zeros((), device=self.env.device), 0.0
+        for i in range(self.accum_steps):
+            images, targets, w = self.next_batch(stream)
+            wait += w
+            total += self.forward_backward(images, targets, sync=i == self.accum_steps - 1)
+        self.optimizer_step()
+        self.check_finite(total)
+        return total, wait
+
+    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool = True) -> torch.Tensor:
+        """Loss of one micro batch, scaled for accumulation, and its gradients (all-reduced if `sync`)."""
+        no_sync = getattr(self.train_model, "no_sync", None)
+        skip_sync = contextlib.nullcontext() if sync or no_sync is None else no_sync()
+        with skip_sync:
+            with self.autocast():
+                loss = task_loss(self.train_model(images), targets) / self.accum_steps
+            self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first non-finite loss, on every rank together, before anything is written.
+
+        The check syncs with the device once per step; a NaN step is never followed by a checkpoint.
+        """
+        bad = not math.isfinite(loss.item())
+        if any_rank(self.env, bad):
+            where = f" on rank {self.env.rank}" if bad and self.env.distributed else ""
+            last = self.checkpoints.last
+            kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}{where}) at step {self.step + 1}; stopping, "
+                                f"{kept}; lower optim.lr or set optim.grad_clip")
+
+    def log_train(self, loss: torch.Tensor, speed: Throughput) -> None:
+        values = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
+                  **speed.values(self.cfg.train.max_steps - self.step)}
+        values.update({f"lr/{role}": lr for role, lr in lrs_by_role(self.optimizer).items()})
+        self.monitor.record(self.step, "train", values)
+        self.monitor.show(self.step, self.cfg.train.max_steps, values)
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+
+    def evaluate(self) -> Dict[str, Any]:
+        from pipeline.evaluation import evaluate
+        self.model.eval()
+        # Evaluation must not move the training RNGs (loaders draw seeds from them): a resumed run
+        # evaluates (and loads picture images) at other moments than an uninterrupted one.
+        rngs = ckpt.rng_state()
+        try:
+            metrics = evaluate(self.model, self.cfg, self.manifest, self.cfg.data.eval_split,
+                               self.env.device, self.env.rank, self.env.world_size,
+                               self.cfg.train.eval_max_samples)
+            if self.env.is_main and hasattr(self.model, "attend") and self.cfg.train.num_viz > 0:
+                self.draw_attention()
+        finally:
+            self.model.train()
+            ckpt.set_rng_state(rngs)
+        return metrics
+
+    def evaluate_and_checkpoint(self, checkpoint_due: bool) -> None:
+        self.metrics = self.evaluate()
+        name = best_metric_name(self.model)
+        value = self.metrics.get(name)
+        improved = value is not None and (self.best is None or value > self.best)
+        if improved:
+            self.best = value
+        self.monitor.record(self.step, self.cfg.data.eval_split, self.metrics)
+        self.monitor.message(f"step {self.step} {self.cfg.data.eval_split}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, float) and "/" not in k))
+        path = self.save_checkpoint(is_best=improved) if checkpoint_due or improved else None
+        if self.on_eval is not None:
+            self.on_eval(self.step, dict(self.metrics), path)
+
+    def save_checkpoint(self, is_best: bool = False) -> Path:
+        """Rank 0 writes; every rank contributes its RNG states and waits until the file exists."""
+        rngs = all_gather_object(self.env, ckpt.rng_state())
+        path = self.checkpoints.step_path(self.step)
+        if self.env.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                     "step": self.step, "images_seen": self.images_seen,
+                     "epoch": self.images_seen / max(1, self.num_train_samples()),
+                     "best_metric": self.best, "metric_name": best_metric_name(self.model),
+                     "metrics": self.metrics, "rng": rngs, "config": to_dict(self.cfg)}
+            path = self.checkpoints.save(state, self.step, is_best)
+            self.monitor.message(f"checkpoint step {self.step}: {path}" + (" (best)" if is_best else ""))
+        barrier(self.env)
+        return path
+
+    def num_train_samples(self) -> int:
+        return self.manifest.num_samples(self.cfg.data.train_split)
+
+    def draw_attention(self) -> None:
+        from pipeline.data import normalize
+        images = self.viz_images()
+        d = self.cfg.data
+        with torch.no_grad():
+            x = normalize(images.to(self.env.device), d.mean, d.std,
+                          self.memory_format == torch.channels_last)
+            out = self.model.attend(x)
+        path = attention_picture(images, out["boxes"], out["crops"], d.mean, d.std,
+                                 self.run_dir / "viz" / f"step_{self.step:07d}.png")
+        self.monitor.add_image("attention", path, self.step)
+
+    def viz_images(self) -> torch.Tensor:
+        """The first train.num_viz images of the evaluation split (the same ones at every evaluation)."""
+        if not hasattr(self, "_viz_images"):
+            from pipeline.data import build_eval_loader
+            loader = build_eval_loader(self.cfg, self.manifest, self.cfg.data.eval_split, rank=0, world_size=1,
+                                       batch_size=self.cfg.train.num_viz, num_workers=0)
+            self._viz_images = next(iter(loader))[0][:self.cfg.train.num_viz]
+        return self._viz_images
+
+    def summary(self) -> Dict[str, Any]:
+        return {"step": self.step, "metrics": self.metrics, "best_metric": self.best,
+                "checkpoint": str(self.checkpoints.last) if self.checkpoints.last.exists() else None,
+                "run_dir": str(self.run_dir)}

@@ -1,0 +1,84 @@
+"""Preemption and resume with real processes: SIGKILL after a checkpoint then `train.resume=auto`
+ends with exactly the weights of an uninterrupted run (CPU, fixed seeds); SIGTERM checkpoints and
+exits with the requeue code."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, subprocess_env
+from pipeline.train import REQUEUE_EXIT_CODE
+from shard_fixtures import write_tiny_cub_shards
+from test_train_helpers import train_cmd, tiny_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_tiny_cub_shards(tmp_path_factory.mktemp("cub"))
+
+
+def _start(overrides) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(overrides), cwd=REPO, env=subprocess_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _signal_after(proc: subprocess.Popen, marker: str, sig: int) -> str:
+    """Send `sig` as soon as `marker` shows up in the run's log (stderr); returns the log."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+    seen.append(proc.communicate(timeout=240)[1])
+    return "".join(seen)
+
+
+def _state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_auto_matches_an_uninterrupted_run(shards, tmp_path):
+    # Dropout on (0.5) and two accumulation steps, so RNG and loader state both matter.
+    common = ["train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=4", "model.dropout=0.5",
+              "train.micro_batch_size=2", "train.resume=auto"]
+    straight = _start(tiny_run(shards, tmp_path / "straight", *common))
+    killed = _start(tiny_run(shards, tmp_path / "killed", *common))
+    log = _signal_after(killed, "checkpoint step 4:", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, log[-2000:]
+    interrupted_at = _state(tmp_path / "killed")["step"]
+    assert interrupted_at in (4, 8), f"the run finished before SIGKILL arrived:\n{log[-2000:]}"
+
+    resumed = _start(tiny_run(shards, tmp_path / "killed", *common))
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from {tmp_path / 'killed' / 'checkpoints' / 'last.pt'} at step {interrupted_at}" in err
+    assert straight.wait(timeout=240) == 0, straight.stderr.read()[-3000:]
+
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "killed")
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["model"].items():  # bit for bit: same batches, masks and update order
+        assert torch.equal(tensor, b["model"][name]), f"{name} differs after resume"
+    assert a["metrics"]["top1"] == b["metrics"]["top1"] and a["metrics"]["loss"] == b["metrics"]["loss"]
+    # metrics.jsonl holds each step once: what the killed attempt logged after its checkpoint is dropped.
+    lines = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["split"] == "train"] == list(range(1, 13))
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_with_the_requeue_code(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(tiny_run(shards, run_dir, "train.max_steps=100000", "train.checkpoint_every=1000",
+                           "train.eval_every=1000"))
+    log = _signal_after(proc, "step 2/100000", signal.SIGTERM)
+    assert proc.returncode == REQUEUE_EXIT_CODE == 3, log[-2000:]
+    state = _state(run_dir)
+    assert 2 <= state["step"] < 100000
+    assert f"stopped by SIGTERM after step {state['step']}" in log
+    assert (run_dir / "checkpoints" / f"step_{state['step']:07d}.pt").is_file()
