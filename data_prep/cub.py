@@ -236,8 +236,9 @@ def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
 
     def samples():
         for root, check, item in spec.items:
-            path = Path(root) / "images" / item["file"]
-            data = path.read_bytes()
+            path = os.path.join(root, "images", item["file"])
+            with open(path, "rb") as f:
+                data = f.read()
             try:
                 width, height, mode = inspect_jpeg(data, full=check == "full")
             except BadImage as err:

@@ -77,7 +77,9 @@ def _write_sample(stream: _HashingWriter, sample: Dict[str, Any]) -> None:
         if field.startswith("_"):
             continue
         data = _encode(field, sample[field])
-        stream.write(_ustar_header(f"{key}.{field}", len(data)) + data + bytes(-len(data) % _BLOCK))
+        stream.write(_ustar_header(f"{key}.{field}", len(data)))
+        stream.write(data)  # separate writes: no copy of a large image into one buffer
+        stream.write(bytes(-len(data) % _BLOCK))
 
 
 def _ustar_header(name: str, size: int) -> bytes:

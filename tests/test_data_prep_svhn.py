@@ -192,3 +192,20 @@ def test_bad_svhn_input_is_one_line_error(svhn_root, tmp_path, capsys, argv, mes
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
     assert not out.exists()
+
+
+def test_missing_and_corrupt_pictures(svhn_root, tmp_path, capsys):
+    (svhn_root / "train" / "8.png").unlink()
+    (svhn_root / "train" / "6.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    out = tmp_path / "out"
+    assert data_prep_main(["svhn", "--root", str(svhn_root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train/8.png: image of entry 8" in err and "--skip-missing" in err and not out.exists()
+    manifest = svhn.prepare(svhn_root, out, skip_missing=True, shard_size=4)
+    reasons = {s["key"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons["train_000008"] == "missing: train/8.png" and reasons["train_000006"].startswith("corrupt: train/6.png")
+    assert manifest["splits"]["train"]["num_samples"] == 8 - 3  # missing, corrupt, six digits
+    with pytest.raises(DataPrepError, match="6.png: unreadable image"):
+        svhn.prepare(svhn_root, tmp_path / "strict", skip_missing=True, strict=True)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
