@@ -1,1 +1,182 @@
-"""Models of paper A.3 (distorted MNIST): written by the digits helper."""
+"""Models of paper A.3 (distorted MNIST, Table 1): FCN, CNN, ST-FCN and ST-CNN.
+
+    model = create_model("digits_st_cnn", transform="tps", input_size=42, pool_after_st=True)
+    logits = model(images)            # images (B, 1, S, S) in [0, 1], black background
+
+- FCN: two hidden layers of `width` units, ReLU, linear classifier.
+- CNN: conv 9x9 (width filters) - max 2 - conv 7x7 (2 x width) - max 2 - linear classifier.
+  The convs are unpadded, which keeps the 7x7 conv (where the parameters are) on a small map and
+  the CNN cheap enough to train on CPU; only inputs under 28 px (the 21x21 output of a pooled
+  transformer on RTS) get the first conv zero-padded to keep its size.
+- ST-FCN / ST-CNN: a spatial transformer (`affine`, `projective` or 16-point `tps`) at the start,
+  then the FCN / CNN. Localisation: FC 32-32-32 on the image (ST-FCN); on a 2x downsampled image,
+  two 20-filter 5x5 convs each followed by 2x2 max-pooling, then a 20-unit FC (ST-CNN). The
+  transformer starts at the identity (zero weights, identity bias); with `pool_after_st` its output
+  is average-pooled 2x (RTS and TC in the paper), so the classifier sees a 21x21 / 30x30 image.
+
+`width=None` picks the width that brings the whole model closest to `target_params` (400k, as in
+the paper), so every model of one experiment has about the same number of parameters. Inputs are
+not normalised: the transformer's zero padding must stay the background colour.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from . import register_model
+from .spatial_transformer import SpatialTransformer
+
+TARGET_PARAMS = 400_000
+TRANSFORMS = ("affine", "projective", "tps")
+MIN_SIDE = 16  # the CNN's last feature map is at least 1x1 (with the padded first conv)
+
+
+class DigitsNet(nn.Module):
+    """[spatial transformer -> optional 2x average pooling ->] features -> linear classifier."""
+
+    task = "classification"
+
+    def __init__(self, features: nn.Module, head: nn.Module,
+                 transformer: Optional[SpatialTransformer] = None, pool_after_st: bool = False):
+        super().__init__()
+        self.transformer = transformer
+        self.pool = nn.AvgPool2d(2) if pool_after_st else nn.Identity()
+        self.features = features
+        self.head = head
+        self.num_streams = 1 if transformer is not None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transformer is not None:
+            crops, _ = self.transformer(x)
+            x = self.pool(crops[:, 0])
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def attend(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """theta (B, 1, ...), boxes (B, 1, 4) = bounding box [x0, y0, x1, y1] of the sampled region
+        in input coordinates [-1, 1], crops (B, 1, C, S, S): the transformer's output before pooling."""
+        if self.transformer is None:
+            raise ValueError("attend() needs a spatial-transformer model (digits_st_fcn / digits_st_cnn)")
+        crops, theta = self.transformer(x)
+        return {"theta": theta, "boxes": self.transformer.boxes(theta), "crops": crops}
+
+    def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
+        groups = {"localisation": list(self.transformer.parameters()) if self.transformer is not None else [],
+                  "backbone": list(self.features.parameters()),
+                  "head": list(self.head.parameters())}
+        return {role: params for role, params in groups.items() if params}
+
+
+# ---- parts -------------------------------------------------------------------------------------
+
+def fcn_features(input_size: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_size * input_size, width), nn.ReLU(inplace=True),
+                         nn.Linear(width, width), nn.ReLU(inplace=True))
+
+
+def cnn_side(input_size: int) -> int:
+    """Side of the CNN's last feature map: 9x9 conv, max 2, unpadded 7x7 conv, max 2."""
+    return ((input_size - 8 + 2 * cnn_padding(input_size)) // 2 - 6) // 2
+
+
+def cnn_padding(input_size: int) -> int:
+    return 0 if input_size >= 28 else 4
+
+
+def cnn_features(input_size: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, width, 9, padding=cnn_padding(input_size)), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+                         nn.Conv2d(width, 2 * width, 7), nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten())
+
+
+def fcn_localisation(input_size: int) -> nn.Sequential:
+    """Paper A.3 ST-FCN: FC 32-32-32 on the full image."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_size * input_size, 32), nn.ReLU(inplace=True),
+                         nn.Linear(32, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True))
+
+
+def cnn_localisation(input_size: int) -> nn.Sequential:
+    """Paper A.3 ST-CNN: 2x downsampling, two 20-filter 5x5 convs with 2x2 max-pooling, FC 20."""
+    side = input_size // 8  # 5x5 convs padded to keep the size, so that 28 px inputs fit
+    return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(1, 20, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+                         nn.Conv2d(20, 20, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten(),
+                         nn.Linear(20 * side * side, 20), nn.ReLU(inplace=True))
+
+
+def _build(backbone: str, input_size: int, num_classes: int, width: int,
+           transform: Optional[str], pool_after_st: bool) -> DigitsNet:
+    transformer = None
+    side = input_size
+    if transform is not None:
+        localisation, features = ((fcn_localisation(input_size), 32) if backbone == "fcn"
+                                  else (cnn_localisation(input_size), 20))
+        transformer = SpatialTransformer(localisation, features, transform, input_size, num_transforms=1,
+                                         scale=1.0, num_control_points=16)
+        side = input_size // 2 if pool_after_st else input_size
+    if backbone == "fcn":
+        features, out = fcn_features(side, width), width
+    else:
+        features, out = cnn_features(side, width), 2 * width * cnn_side(side) ** 2
+    return DigitsNet(features, nn.Linear(out, num_classes), transformer, pool_after_st and transform is not None)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fit_width(build: Callable[[int], nn.Module], target: int, low: int = 1, high: int = 4096) -> int:
+    """The width whose model's parameter count is closest to `target` (counts grow with width)."""
+    def count(width: int) -> int:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            return count_params(build(width))
+
+    while low < high:  # smallest width with count >= target
+        mid = (low + high) // 2
+        if count(mid) < target:
+            low = mid + 1
+        else:
+            high = mid
+    candidates = [w for w in (low - 1, low) if w >= 1]
+    return min(candidates, key=lambda w: abs(count(w) - target))
+
+
+def _digits_model(backbone: str, input_size: int, num_classes: int, width: Optional[int], target_params: int,
+                  transform: Optional[str] = None, pool_after_st: bool = False) -> DigitsNet:
+    min_size = 2 * MIN_SIDE if transform is not None and pool_after_st else MIN_SIDE
+    if input_size < min_size:
+        raise ValueError(f"input_size={input_size} is too small for digits_{'st_' if transform else ''}{backbone}"
+                         f"{' with pool_after_st' if pool_after_st else ''}; expected at least {min_size}")
+    if transform is not None and transform not in TRANSFORMS:
+        raise ValueError(f"transform='{transform}' is not one of {', '.join(TRANSFORMS)}")
+    if width is None:
+        width = fit_width(lambda w: _build(backbone, input_size, num_classes, w, transform, pool_after_st),
+                          target_params)
+    return _build(backbone, input_size, num_classes, width, transform, pool_after_st)
+
+
+@register_model
+def digits_fcn(input_size: int = 28, num_classes: int = 10, width: Optional[int] = None,
+               target_params: int = TARGET_PARAMS) -> DigitsNet:
+    return _digits_model("fcn", input_size, num_classes, width, target_params)
+
+
+@register_model
+def digits_cnn(input_size: int = 28, num_classes: int = 10, width: Optional[int] = None,
+               target_params: int = TARGET_PARAMS) -> DigitsNet:
+    return _digits_model("cnn", input_size, num_classes, width, target_params)
+
+
+@register_model
+def digits_st_fcn(input_size: int = 28, num_classes: int = 10, transform: str = "affine",
+                  pool_after_st: bool = False, width: Optional[int] = None,
+                  target_params: int = TARGET_PARAMS) -> DigitsNet:
+    return _digits_model("fcn", input_size, num_classes, width, target_params, transform, pool_after_st)
+
+
+@register_model
+def digits_st_cnn(input_size: int = 28, num_classes: int = 10, transform: str = "affine",
+                  pool_after_st: bool = False, width: Optional[int] = None,
+                  target_params: int = TARGET_PARAMS) -> DigitsNet:
+    return _digits_model("cnn", input_size, num_classes, width, target_params, transform, pool_after_st)

@@ -1,0 +1,66 @@
+"""python -m pipeline.experiments distorted --idx-root DIR [--quick] [--out DIR] [--seeds N] ...
+
+Thin launcher: the experiments live in the importable modules of this package.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from data_prep import DataPrepError
+
+EXPERIMENTS = ("distorted",)
+
+
+def parse_distorted(argv: List[str]) -> argparse.Namespace:
+    from .distorted import DISTORTIONS, MODEL_KEYS
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.experiments distorted",
+                                description="Paper Table 1: FCN/CNN/ST-FCN/ST-CNN on distorted digits.")
+    p.add_argument("--idx-root", required=True, help="folder with the MNIST or Fashion-MNIST IDX files")
+    p.add_argument("--out", default=None,
+                   help="results, cached shards, checkpoints (default runs/distorted, quick: runs/distorted_quick)")
+    p.add_argument("--quick", action="store_true", help="the quick profile: training subset, few steps, 1 seed")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per (model, distortion)")
+    p.add_argument("--distortions", default=",".join(DISTORTIONS), help="comma-separated subset of R,RTS,P,E,TC")
+    p.add_argument("--models", default=",".join(MODEL_KEYS), help=f"comma-separated subset of {','.join(MODEL_KEYS)}")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (lr /10 at 1/3 and 2/3)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--train-limit", type=int, default=None, help="first N training images (default: profile's)")
+    p.add_argument("--test-limit", type=int, default=None, help="first N test images (default: profile's)")
+    p.add_argument("--loc-lr-scale", type=float, default=None, help="localisation lr = lr x this")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU cores)")
+    p.add_argument("--num-examples", type=int, default=None, help="test images in each transformed-examples picture")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table and pictures from the runs OUT already holds")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in EXPERIMENTS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown experiment '{argv[0]}'; experiments: {', '.join(EXPERIMENTS)}", file=sys.stderr)
+            return 2
+        print(f"usage: python -m pipeline.experiments {{{','.join(EXPERIMENTS)}}} ...", file=sys.stderr)
+        return 0 if argv else 2
+    from dataclasses import replace
+
+    from .distorted import ExperimentError, profile_from_args, run
+
+    args = parse_distorted(argv[1:])
+    try:
+        profile = replace(profile_from_args(args), extra={"command": "python -m pipeline.experiments " + " ".join(argv)})
+        result = run(profile, train_missing=not args.report_only)
+    except (ExperimentError, DataPrepError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result["table"])
+    print(f"wrote {result['table_path']} and {len(result['pictures'])} picture(s) in {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
