@@ -178,3 +178,31 @@ def test_nxst_with_the_paper_backbone_inception_v3():
     logits.sum().backward()
     assert logits.shape == (2, 4)
     assert model.classifier.in_features == 2048
+
+
+def test_nxst_vmapped_streams_match_the_loop():
+    # Fast path (issue 9): the N streams as one vmapped call give the loop's outputs, gradients and
+    # batch-norm statistics. In float64 (grouped and single convs sum in other orders; BN backward on
+    # a batch of 4 amplifies float32 rounding to ~1e-3): tolerance 1e-9 relative, 1e-10 absolute.
+    import copy
+    torch.manual_seed(0)
+    loop = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=3,
+                        num_classes=5, dropout=0.0).double()
+    fast = copy.deepcopy(loop)
+    fast.stream_mode = "vmap"
+    with torch.no_grad():  # non-zero head weights so the localisation net gets gradients too
+        for model in (loop, fast):
+            model.transformer.head.weight.copy_(0.01 * torch.arange(model.transformer.head.weight.numel()).reshape(
+                model.transformer.head.weight.shape).sin())
+    x = _input(SMALL["nxst_cnn"], batch=4).double()
+    out_loop, out_fast = loop(x), fast(x)
+    torch.testing.assert_close(out_fast, out_loop, atol=1e-10, rtol=1e-9)
+    out_loop.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, p_loop), p_fast in zip(loop.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_loop.grad, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+    for (name, b_loop), b_fast in zip(loop.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(b_fast, b_loop, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+    assert set(fast.state_dict()) == set(loop.state_dict())
+    loop.eval(), fast.eval()
+    torch.testing.assert_close(fast(x), loop(x), atol=1e-10, rtol=1e-9)

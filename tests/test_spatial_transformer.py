@@ -221,3 +221,19 @@ def test_spatial_transformer_rejects_bad_settings():
         SpatialTransformer(_Flatten(), 4, "affine", 4, bound="tanh")
     with pytest.raises(ValueError, match="scale"):
         SpatialTransformer(_Flatten(), 4, "translation", 4, scale=1.0, bound="tanh")
+
+
+@pytest.mark.slow
+def test_warp_many_compiles_without_graph_breaks():
+    # torch.compile(fullgraph=True) fails on any graph break; dynamic=True also covers a changing batch.
+    def crops(x, translation, tps):
+        return warp_many(x, translation, "translation", 6) + warp_many(x, tps, "tps", 6)
+
+    compiled = torch.compile(crops, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = _image(2, 3, 12, 12).requires_grad_()
+    translation = torch.tensor([[[0.3, -0.2], [-0.4, 0.1]]]).expand(2, 2, 2).clone().requires_grad_()
+    tps = (control_points(16) * 0.5).expand(2, 2, 16, 2).clone().requires_grad_()
+    out = compiled(x, translation, tps)
+    torch.testing.assert_close(out, crops(x, translation, tps))
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0 and translation.grad.abs().sum() > 0 and tps.grad.abs().sum() > 0

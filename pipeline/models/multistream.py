@@ -29,13 +29,16 @@ class NxSTCNN(nn.Module):
                  input_size: int = 448, crop_size: int = 224, transform: str = "translation",
                  transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
-                 num_control_points: int = 16, loc_grid: int = 4):
+                 num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop"):
         super().__init__()
+        if stream_mode not in ("loop", "vmap"):
+            raise ValueError(f"stream_mode={stream_mode!r} is not one of loop, vmap")
         if num_streams < 1:
             raise ValueError(f"NxSTCNN needs num_streams >= 1, got {num_streams} (0 is the baseline: cub_baseline)")
         if crop_size > input_size:
             raise ValueError(f"crop_size={crop_size} is larger than input_size={input_size}")
         self.num_streams, self.input_size, self.crop_size = num_streams, input_size, crop_size
+        self.stream_mode = stream_mode
         if loc_pretrained == "same":
             if isinstance(pretrained, str) and loc_backbone not in (None, backbone):
                 raise ValueError(f"model.pretrained={pretrained!r} is a weights file for '{backbone}', not for "
@@ -60,8 +63,35 @@ class NxSTCNN(nn.Module):
 
     def classify(self, crops: torch.Tensor) -> torch.Tensor:
         """Logits from the N crops (B, N, C, h, w)."""
-        features = torch.cat([stream(crops[:, i]) for i, stream in enumerate(self.streams)], 1)
+        if self.stream_mode == "vmap":
+            features = self._streams_vmapped(crops)
+        else:
+            features = torch.cat([stream(crops[:, i]) for i, stream in enumerate(self.streams)], 1)
         return self.classifier(self.dropout(features))
+
+    def _streams_vmapped(self, crops: torch.Tensor) -> torch.Tensor:
+        """All N streams as one batched call (`torch.func.vmap` over stacked weights): (B, N * features).
+
+        The weights are stacked on the fly, so parameters, state_dict and checkpoints are those of
+        the loop; batch-norm running statistics are updated on the stack and copied back in one
+        foreach call. Convolutions become grouped convolutions over the N streams.
+        """
+        per_param = [dict(s.named_parameters()) for s in self.streams]
+        per_buffer = [dict(s.named_buffers()) for s in self.streams]
+        params = {name: torch.stack([p[name] for p in per_param]) for name in per_param[0]}
+        buffers = {name: torch.stack([b[name] for b in per_buffer]) for name in per_buffer[0]}
+        template = self.streams[0]  # only its structure is used: functional_call swaps in the weights
+
+        def one_stream(p, b, x):
+            return torch.func.functional_call(template, (p, b), (x,))
+
+        features = torch.func.vmap(one_stream, in_dims=(0, 0, 1), out_dims=1, randomness="different")(
+            params, buffers, crops)
+        if self.training and buffers:
+            with torch.no_grad():
+                torch._foreach_copy_([b[name] for b in per_buffer for name in buffers],
+                                     [stacked[i] for i in range(self.num_streams) for stacked in buffers.values()])
+        return features.flatten(1)
 
     def attend(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         crops, theta = self.transformer(x)
@@ -110,7 +140,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
 
     Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
     `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
-    localisation map fed to its fc layer).
+    localisation map fed to its fc layer), `stream_mode` ("loop": one stream after another;
+    "vmap": all streams in one batched call, same results, for launch-bound GPU steps).
     """
     if num_streams == 0:
         return BackboneClassifier(backbone, num_classes=num_classes, dropout=dropout, pretrained=pretrained,

@@ -92,7 +92,7 @@ def theta_to_affine(theta: torch.Tensor, kind: str, scale: float = 0.5) -> torch
 
 def control_points(K: int = 16, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """(K, 2) output positions (x, y) of the TPS control points: a regular grid on [-1, 1]^2, row-major."""
-    side = math.isqrt(K)
+    side = round(K ** 0.5)  # not math.isqrt: K may be a symbolic size under torch.compile
     if side * side != K or side < 2:
         raise ValueError(f"tps needs a square number of control points >= 4, got K={K}")
     lin = torch.linspace(-1.0, 1.0, side, dtype=dtype, device=device)
@@ -117,12 +117,13 @@ def sampling_grid(theta: torch.Tensor, kind: str, out_size: Size, *, scale: floa
     _check_theta(theta, kind)
     h, w = _pair(out_size)
     batch = theta.shape[0]
-    if kind in ("affine", "attention", "translation"):
-        matrix = theta_to_affine(theta, kind, scale)
-        return F.affine_grid(matrix, [batch, 1, h, w], align_corners=align_corners)
     points = base_grid((h, w), align_corners=align_corners, dtype=theta.dtype, device=theta.device).reshape(-1, 2)
+    homog = torch.cat([points, torch.ones_like(points[:, :1])], -1)           # (hw, 3)
+    if kind in ("affine", "attention", "translation"):
+        # F.affine_grid's own arithmetic, minus its size list (which breaks dynamic-shape compile).
+        matrix = theta_to_affine(theta, kind, scale)
+        return torch.einsum("pj,bij->bpi", homog, matrix).reshape(batch, h, w, 2)
     if kind == "projective":
-        homog = torch.cat([points, torch.ones_like(points[:, :1])], -1)       # (hw, 3)
         mapped = torch.einsum("pj,bij->bpi", homog, theta)                     # (B, hw, 3)
         return (mapped[..., :2] / mapped[..., 2:]).reshape(batch, h, w, 2)
     # tps: the map is linear in theta; the (hw, K) weights depend on the control grid only.
