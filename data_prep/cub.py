@@ -8,6 +8,12 @@ are, the loader converts to RGB), `cls` (0-based index into manifest["classes"])
 "size": [w, h], "mode": PIL mode, "bbox": [x, y, w, h] (pixels, top-left origin),
 "parts": [[x, y, visible], ...] in the order of manifest["parts"] (invisible parts are 0, 0, 0)}.
 Keys are the 6-digit zero-padded image id. The number of parts comes from parts/parts.txt.
+
+Large or preemptible jobs: the shards are fixed pieces, so a SLURM array (`--array=0-7`: the task
+id and count come from the environment) or `--num-jobs 8 --job-index i` each write their own, the
+last to finish writes manifest.json (or run `--finalize-only`), and a rerun after a crash writes
+only the missing shards. `--overwrite` clears the folder: use it in one job, not in an array.
+Then check the result with `python -m data_prep verify OUT`.
 """
 from __future__ import annotations
 
@@ -311,7 +317,8 @@ def _frame_header(data: bytes) -> Tuple[int, int, int]:
 # ---- CLI ----------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep cub", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep cub", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="the CUB_200_2011 folder (images/, parts/, *.txt)")
     parser.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar + manifest.json")
     parser.add_argument("--classes", default=None, help="1-based class ids, e.g. 1-50 or 1,3,10-20 (default all)")

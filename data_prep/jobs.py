@@ -93,8 +93,10 @@ def job_options_from_env(num_jobs: Optional[int], job_index: Optional[int]) -> T
     if num_jobs is None and env.get("SLURM_ARRAY_TASK_COUNT"):
         num_jobs = _env_int("SLURM_ARRAY_TASK_COUNT")
     if job_index is None and env.get("SLURM_ARRAY_TASK_ID"):
-        # array ids may start anywhere (--array=1-8); index relative to the smallest id
-        job_index = _env_int("SLURM_ARRAY_TASK_ID") - int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        # array ids may start anywhere and skip (--array=1-15:2): count from the smallest, by the step
+        first = _env_int("SLURM_ARRAY_TASK_MIN") if env.get("SLURM_ARRAY_TASK_MIN") else 0
+        step = _env_int("SLURM_ARRAY_TASK_STEP") if env.get("SLURM_ARRAY_TASK_STEP") else 1
+        job_index = (_env_int("SLURM_ARRAY_TASK_ID") - first) // max(step, 1)
     num_jobs = 1 if num_jobs is None else num_jobs
     if num_jobs < 1:
         raise DataPrepError(f"--num-jobs must be >= 1, got {num_jobs}")
@@ -133,7 +135,6 @@ def run_plan(out: str | Path, plan: Plan, build: Callable[[ShardSpec, bool], Sha
     Returns the manifest, or None when other jobs' shards are still missing.
     """
     out = Path(out)
-    state = out / STATE_DIR / "shards"
     if not opts.finalize_only:
         claim_output(out, plan, opts.overwrite)
         mine = [s for g, s in enumerate(plan.specs) if opts.job_index is None or g % opts.num_jobs == opts.job_index]
@@ -156,7 +157,7 @@ def run_plan(out: str | Path, plan: Plan, build: Callable[[ShardSpec, bool], Sha
         print(f"{plan.dataset}: {len(missing)} shard(s) of other jobs still missing; the last job "
               "(or --finalize-only) writes the manifest", file=sys.stderr)
         return None
-    manifest = _manifest(out, plan, state)
+    manifest = _manifest(out, plan)
     write_json_atomic(out / "manifest.json", manifest)
     _warn_skipped(manifest["skipped"])
     return manifest
@@ -195,7 +196,7 @@ def _complete(out: Path, spec: ShardSpec) -> bool:
     return entry.get("bytes") == shard.stat().st_size
 
 
-def _manifest(out: Path, plan: Plan, state: Path) -> Dict[str, Any]:
+def _manifest(out: Path, plan: Plan) -> Dict[str, Any]:
     splits: Dict[str, Any] = {name: {"num_samples": 0, "shards": []} for name in plan.splits}
     skipped = list(plan.skipped)
     for spec in plan.specs:

@@ -21,7 +21,6 @@ Format 2 sample: `png` 32x32 RGB, `cls` (0-9) and `json` {"id", "index", "digits
 from __future__ import annotations
 
 import argparse
-import io
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -330,7 +329,8 @@ def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
 # ---- CLI ----------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep svhn", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep svhn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="folder holding train/ test/ extra/ or *_32x32.mat")
     parser.add_argument("--out", required=True, help="output folder for <split>-NNNNNN.tar + manifest.json")
     parser.add_argument("--split", action="append", default=None,

@@ -167,7 +167,8 @@ def check_sample(manifest: Dict[str, Any], fields: Dict[str, bytes]) -> List[str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep verify", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="folder holding manifest.json and the shards")
     parser.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--quick", action="store_true", help="sizes, checksums and counts only; no decoding")

@@ -166,6 +166,12 @@ def test_jobs_and_workers_give_the_same_bytes(cub_root, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     assert job_options_from_env(None, None) == (3, 1)
+    assert job_options_from_env(None, 2) == (3, 2)  # flags win over the environment
+    with monkeypatch.context() as env:  # --array=1-5:2 -> ids 1, 3, 5 -> pieces 0, 1, 2
+        env.setenv("SLURM_ARRAY_TASK_ID", "5")
+        env.setenv("SLURM_ARRAY_TASK_MIN", "1")
+        env.setenv("SLURM_ARRAY_TASK_STEP", "2")
+        assert job_options_from_env(None, None) == (3, 2)
     assert data_prep_main(["cub", "--root", str(cub_root), "--out", str(out), "--shard-size", "6", "--no-finalize"]) == 0
     assert not (out / "manifest.json").exists()
     assert cub.prepare(cub_root, out, shard_size=6, finalize_only=True) == single
