@@ -176,6 +176,20 @@ def test_svhn_targets_are_padded_sequences(tmp_path):
     assert scored == expected
 
 
+def test_eval_split_covers_every_sample_once_for_any_rank_count(tmp_path):
+    """Rank r of w reads shards r, r+w, ...: the union over ranks is the split, once, even with more
+    ranks than shards (those ranks get nothing) and with loader workers."""
+    manifest = read_manifest(write_tiny_cub_shards(tmp_path, num_classes=1, train_per_class=1,
+                                                   num_samples={"test": 11}, shards_per_split=4))
+    everything = [f"{i:06d}" for i in range(2, 13)]
+    for world, workers in [(1, 0), (2, 2), (3, 0), (4, 2), (6, 0)]:
+        keys = []
+        for rank in range(world):
+            for _, _, metas in build_eval_loader(tiny_config(), manifest, "test", rank, world, 3, workers):
+                keys += [meta["key"] for meta in metas]
+        assert sorted(keys) == everything, (world, workers)
+
+
 # ----- corrupt samples ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -188,9 +202,10 @@ def test_corrupt_sample_skipped_and_counted(corrupt_root):
     manifest = read_manifest(corrupt_root)
     cfg = tiny_config("data.on_corrupt=skip")
     loader = build_train_loader(cfg, manifest, 0, 1, 4, seed=0)
-    batches = _take(loader, 6)  # 24 samples drawn from shards holding 1 bad sample in 6
+    stream = iter(loader)
+    batches = [next(stream) for _ in range(6)]  # 24 samples drawn from shards holding 1 bad sample in 6
     assert all(images.shape[0] == 4 for images, _ in batches)
-    assert loader.num_skipped >= 1
+    assert loader.num_skipped >= 1 and stream.num_skipped == loader.num_skipped
     keys = []
     evaluation = build_eval_loader(cfg, manifest, "test", 0, 1, batch_size=4, num_workers=0)
     for _, _, metas in evaluation:
@@ -288,3 +303,15 @@ def test_normalize_on_device_matches_float_reference():
     out = normalize(images, mean, std, channels_last=True)
     assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    loader_layout = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # how batches arrive
+    out = normalize(loader_layout, mean, std, channels_last=False)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_jpeg_is_a_corrupt_sample():
+    from pipeline.data.decode import CorruptSample
+
+    data = _encode(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
+    with pytest.raises(CorruptSample, match="(?i)truncated"):
+        decode_rgb(data[: len(data) // 2])

@@ -1,9 +1,10 @@
 """Sample decoding: image bytes -> RGB uint8 array, and the task's target.
 
-OpenCV decodes JPEG/PNG about 1.5x faster than PIL (both use libjpeg-turbo; OpenCV skips PIL's
-object overhead); it comes with albumentations (opencv-python-headless). When the image is much
-larger than the resize target, PIL's `draft` decodes a JPEG at 1/2, 1/4 or 1/8 scale in the DCT,
-which is cheaper than decoding it whole and shrinking it afterwards.
+OpenCV decodes JPEG/PNG a little faster than PIL (both use libjpeg-turbo; OpenCV skips PIL's
+object overhead); it comes with albumentations (opencv-python-headless). When a JPEG is at least
+twice the resize target, it is decoded at 1/2, 1/4 or 1/8 scale in the DCT (OpenCV's
+IMREAD_REDUCED_*, the same libjpeg scaling as PIL's `draft`), cheaper than decoding it whole and
+shrinking it afterwards (benchmarks/bench_loader.py measures both).
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from pipeline.metrics import PAD_DIGIT  # the "no digit" class that pads a seque
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # EXIF orientation is ignored: CUB's boxes and parts are in the stored pixel grid, as PIL reads it.
-_CV2_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+              8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 class CorruptSample(Exception):
     """A sample whose image or labels cannot be read (skipped or raised as configured)."""
 
 
-def _draft_factor(width: int, height: int, min_side: Optional[int]) -> int:
+def _reduce_factor(width: int, height: int, min_side: Optional[int]) -> int:
     """Largest of 1, 2, 4, 8 that keeps the shorter side at least `min_side` after DCT scaling."""
     if not min_side:
         return 1
@@ -47,11 +49,8 @@ def decode_rgb(data: bytes, min_side: Optional[int] = None) -> Tuple[np.ndarray,
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
         size = img.size
-        factor = _draft_factor(*size, min_side) if img.format == "JPEG" else 1
-        if factor > 1:
-            img.draft("RGB", (-(-size[0] // factor), -(-size[1] // factor)))
-            return np.asarray(img.convert("RGB")), size
-        array = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
+        factor = _reduce_factor(*size, min_side) if img.format == "JPEG" else 1
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
         if array is None:  # a format or mode OpenCV lacks: let PIL try
             return np.asarray(img.convert("RGB")), size
         return cv2.cvtColor(array, cv2.COLOR_BGR2RGB), size

@@ -17,6 +17,7 @@ import logging
 import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 import webdataset as wds
@@ -63,7 +64,7 @@ class _ShardReadError:
 
 
 class _Decode:
-    """Stage: raw tar samples -> (uint8 3xHxW image, target, meta); corrupt ones skipped or raised.
+    """Stage: raw tar samples -> (uint8 HxWx3 image, target, meta); corrupt ones skipped or raised.
 
     Skipped samples are counted and the count rides along with the next item, because the
     stage runs in a DataLoader worker process whose counters the trainer cannot read.
@@ -90,6 +91,8 @@ class _Decode:
                                "bbox": meta.get("bbox"), "parts": meta.get("parts", []), "view": view.as_list()}
 
     def __call__(self, samples: Iterator[Dict[str, Any]]):
+        if get_worker_info() is not None:  # one thread per worker: W workers x OpenCV's core-count pool oversubscribes
+            cv2.setNumThreads(1)
         augment = None
         if self.train:  # albumentations' own RNG, seeded per rank, worker and epoch like the shards
             augment = train_augment(self.cfg)
@@ -109,7 +112,7 @@ class _Decode:
                                     "the shards look broken, not a few bad samples")
                 continue
             in_a_row = 0
-            yield torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target, meta, skipped
+            yield image, target, meta, skipped
             skipped = 0
         if skipped:  # corrupt samples at the end of the stream: report them with an empty item
             yield None, None, None, skipped
@@ -122,7 +125,8 @@ class _Batch:
         self.batch_size, self.partial = batch_size, partial
 
     def _collate(self, items: List[tuple], skipped: int):
-        images = torch.stack([item[0] for item in items])
+        # One copy into (B,H,W,3), seen as (B,3,H,W) in channels_last strides: no per-image transpose copy
+        images = torch.from_numpy(np.stack([item[0] for item in items])).permute(0, 3, 1, 2)
         targets = torch.as_tensor(np.stack([np.asarray(item[1]) for item in items]), dtype=torch.int64)
         return images, targets, [item[2] for item in items], skipped
 
@@ -165,14 +169,34 @@ class TrainLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> "TrainStream":
         self._decode.epoch = self.epoch
         self._shards.seed = wds.utils.make_seed(self.seed, self.epoch)
         self.epoch += 1
+        return TrainStream(self, self._batches())
+
+    def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for images, targets, _, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
             self.num_skipped += skipped
             if images is not None:
                 yield images, targets
+
+
+class TrainStream:
+    """The iterator of a TrainLoader; `num_skipped` reads its loader's count (for `stream = iter(loader)`)."""
+
+    def __init__(self, loader: TrainLoader, batches: Iterator[Tuple[torch.Tensor, torch.Tensor]]):
+        self.loader, self._batches = loader, batches
+
+    @property
+    def num_skipped(self) -> int:
+        return self.loader.num_skipped
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return next(self._batches)
 
 
 class _SeededShuffle:
@@ -201,7 +225,7 @@ def build_train_loader(cfg: Config, manifest: Manifest, rank: int, world_size: i
         shards,                                    # {"url"}: a shard drawn at random, forever
         wds.tarfile_to_samples(handler=_ShardReadError(cfg.data.on_corrupt)),  # raw samples of that shard
         _SeededShuffle(cfg.data.shuffle_buffer, decode),  # the same samples, shuffled in a buffer
-        decode,                                    # (uint8 3xHxW augmented image, target, {}, skipped)
+        decode,                                    # (uint8 HxWx3 augmented image, target, {}, skipped)
         _Batch(micro_batch, partial=False),        # (images, targets, metas, skipped)
     )
     workers = cfg.train.num_workers if num_workers is None else num_workers
@@ -216,14 +240,15 @@ class EvalLoader:
     `num_skipped` counts corrupt samples skipped by the last pass.
     """
 
-    def __init__(self, pipeline: wds.DataPipeline, shard_paths: Sequence[str], num_workers: int, pin_memory: bool):
+    def __init__(self, pipeline: Optional[wds.DataPipeline], shard_paths: Sequence[str], num_workers: int,
+                 pin_memory: bool):
         self.pipeline, self.shard_paths = pipeline, list(shard_paths)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.num_skipped = 0
 
     def __iter__(self):
         self.num_skipped = 0
-        if not self.shard_paths:  # more ranks than shards: this rank has nothing to score
+        if self.pipeline is None:
             return
         for images, targets, metas, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
             self.num_skipped += skipped
@@ -236,11 +261,13 @@ def build_eval_loader(cfg: Config, manifest: Manifest, split: str, rank: int, wo
     """Every sample of `split` exactly once over all ranks and workers; deterministic centre view."""
     shard_paths = manifest.shard_paths(split)[rank::world_size]  # node split before worker split
     decode = _Decode(cfg, manifest.task, manifest.max_length, train=False, seed=0, rank=rank)
+    if not shard_paths:  # more ranks than shards: this rank scores nothing (and still joins the all-reduce)
+        return EvalLoader(None, [], 0, pin_memory=False)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shard_paths),          # {"url"} of this rank's shards, in manifest order
         wds.split_by_worker,                       # ... of this DataLoader worker
         wds.tarfile_to_samples(handler=_ShardReadError(cfg.data.on_corrupt)),  # raw samples
-        decode,                                    # (uint8 3xSxS centre view, target, meta, skipped)
+        decode,                                    # (uint8 SxSx3 centre view, target, meta, skipped)
         _Batch(batch_size, partial=True),          # (images, targets, metas, skipped); last batch partial
     )
     # A worker without a shard would only idle: never start more workers than the rank has shards.
@@ -250,9 +277,12 @@ def build_eval_loader(cfg: Config, manifest: Manifest, split: str, rank: int, wo
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
               channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B,3,H,W) on any device -> float32 (x / 255 - mean) / std, optionally channels_last."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)  # reorder the 1-byte values, not floats
+    """uint8 (B,3,H,W) on any device -> float32 (x / 255 - mean) / std, channels_last or contiguous.
+
+    The loaders' batches are already channels_last in memory; any reordering happens here on the
+    1-byte values, before the float tensor exists.
+    """
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
     inv_std = 1.0 / (torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0)
     return (images.float() - mean_t) * inv_std
