@@ -57,7 +57,10 @@ PATTERN_WORDS = {"plain": "Plain", "stripes": "Barred", "dots": "Spotted", "chec
 MAX_CLASSES = len(PATTERNS) ** 2
 
 SUPERSAMPLE = 2  # draw at 2x and box-filter down: antialiased edges and patterns
-PATTERN_PERIOD_PX = (3.0, 3.6)  # fixed in output pixels: always near the finest resolvable scale
+# Pattern period in output pixels (each bird's is drawn within +-9% of it). Fixed in pixels, not
+# scaled with the image: the detail stays near the finest resolvable scale at any --size.
+PATTERN_PERIOD_PX = 3.3
+PERIOD_JITTER = 0.09
 BODY_SEMI_AXIS = (0.085, 0.12)  # body half-length as a fraction of the image size
 MIN_SIZE, MAX_SIZE = 64, 1024
 
@@ -70,6 +73,7 @@ class SyntheticCubOptions:
     seed: int = 0
     test_fraction: float = 0.5
     jpeg_quality: int = 90
+    pattern_period: float = PATTERN_PERIOD_PX
 
     def validate(self) -> None:
         checks = [
@@ -79,6 +83,8 @@ class SyntheticCubOptions:
             (0.0 <= self.test_fraction < 1.0, "test_fraction", "in [0, 1)", self.test_fraction),
             (50 <= self.jpeg_quality <= 100, "jpeg_quality", "50..100", self.jpeg_quality),
             (self.seed >= 0, "seed", ">= 0", self.seed),
+            (2.0 <= self.pattern_period <= self.size / 8, "pattern_period", f"2.0..{self.size / 8:g} (size/8)",
+             self.pattern_period),
         ]
         for ok, key, expected, value in checks:
             if not ok:
@@ -396,7 +402,12 @@ def _draw_coarse_texture(rng, canvas: _Canvas) -> None:
                              rng.uniform(7.0, 14.0), _contrasting(rng, base))
 
 
-def _draw_distractors(rng, canvas: _Canvas, bird: _Bird, keep_off: Tuple[np.ndarray, np.ndarray]) -> int:
+def _jittered(rng: np.random.Generator, period: float) -> float:
+    return period * rng.uniform(1 - PERIOD_JITTER, 1 + PERIOD_JITTER)
+
+
+def _draw_distractors(rng, canvas: _Canvas, bird: _Bird, keep_off: Tuple[np.ndarray, np.ndarray],
+                      period: float) -> int:
     """Bird-sized blobs in bird colours, half with the birds' fine patterns, kept off the bird."""
     size, a = canvas.size, bird.a
     (x0, y0), (x1, y1) = keep_off
@@ -414,12 +425,12 @@ def _draw_distractors(rng, canvas: _Canvas, bird: _Bird, keep_off: Tuple[np.ndar
         inside = _ellipse(u, v, 0, 0, r, r * rng.uniform(0.5, 1.0))
         base = _random_colour(rng)
         kind = str(rng.choice(PATTERNS)) if rng.uniform() < 0.5 else "plain"
-        view.paint_patterned(inside, u, v, base, kind, rng.uniform(*PATTERN_PERIOD_PX), _contrasting(rng, base))
+        view.paint_patterned(inside, u, v, base, kind, _jittered(rng, period), _contrasting(rng, base))
         drawn += 1
     return drawn
 
 
-def _draw_bird(rng, canvas: _Canvas, bird: _Bird, cls: BirdClass) -> Tuple[np.ndarray, Dict]:
+def _draw_bird(rng, canvas: _Canvas, bird: _Bird, cls: BirdClass, period: float) -> Tuple[np.ndarray, Dict]:
     """Paint the bird; return its silhouette (supersampled, whole canvas) and the chosen colours."""
     (x0, y0), (x1, y1) = bird.extent()
     rows, cols = canvas.window(x0 - 1, y0 - 1, x1 + 1, y1 + 1)
@@ -432,7 +443,7 @@ def _draw_bird(rng, canvas: _Canvas, bird: _Bird, cls: BirdClass) -> Tuple[np.nd
     head_ink, wing_ink = _contrasting(rng, head), _contrasting(rng, wing)
     beak = _random_colour(rng, value=(0.2, 0.95), saturation=(0.0, 1.0))
     legs = _random_colour(rng, value=(0.1, 0.4), saturation=(0.0, 0.5))
-    head_period, wing_period = rng.uniform(*PATTERN_PERIOD_PX, size=2)
+    head_period, wing_period = _jittered(rng, period), _jittered(rng, period)
     phase = rng.uniform(0, 10, size=4)  # pattern offsets, so stripes don't always start at a part's centre
 
     silhouette = np.zeros(canvas.x.shape, dtype=bool)
@@ -473,7 +484,8 @@ def _box_of(silhouette: np.ndarray, size: int) -> Tuple[float, float, float, flo
     return float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
 
 
-def draw_bird_image(cls: BirdClass, size: int, rng: np.random.Generator) -> BirdSample:
+def draw_bird_image(cls: BirdClass, size: int, rng: np.random.Generator,
+                    pattern_period: float = PATTERN_PERIOD_PX) -> BirdSample:
     """One image of a bird of class `cls`, drawn from `rng` (the whole scene comes from it)."""
     bird = _place_bird(rng, size)
     canvas = _Canvas(size)
@@ -488,8 +500,8 @@ def draw_bird_image(cls: BirdClass, size: int, rng: np.random.Generator) -> Bird
     ImageDraw.Draw(perch).line([tuple(SUPERSAMPLE * (foot - reach)), tuple(SUPERSAMPLE * (foot + reach))],
                                fill=255, width=int(round(SUPERSAMPLE * rng.uniform(1.5, 4.0))))
     canvas.paint(np.asarray(perch) > 0, _random_colour(rng, value=(0.15, 0.5), saturation=(0.3, 0.7)))
-    distractors = _draw_distractors(rng, canvas, bird, bird.extent())
-    silhouette, params = _draw_bird(rng, canvas, bird, cls)
+    distractors = _draw_distractors(rng, canvas, bird, bird.extent(), pattern_period)
+    silhouette, params = _draw_bird(rng, canvas, bird, cls, pattern_period)
 
     image = canvas.output() + rng.normal(0.0, 3.0, size=(size, size, 3))  # sensor noise
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -550,7 +562,7 @@ def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClas
         (root / "images" / folder).mkdir(parents=True)
         for k in range(options.images_per_class):
             image_id += 1
-            sample = draw_bird_image(cls, options.size, image_rng(options.seed, image_id))
+            sample = draw_bird_image(cls, options.size, image_rng(options.seed, image_id), options.pattern_period)
             rel = f"{folder}/{cls.name}_{k + 1:04d}_{image_id}.jpg"
             (root / "images" / rel).write_bytes(_jpeg_bytes(sample.image, options.jpeg_quality))
             images.append(f"{image_id} {rel}")
@@ -572,14 +584,16 @@ def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClas
 
 def generate(out: str | Path, classes: int = 9, images_per_class: int = 60, size: int = 128,
              seed: int = 0, test_fraction: float = 0.5, jpeg_quality: int = 90,
-             overwrite: bool = False) -> Path:
+             pattern_period: float = PATTERN_PERIOD_PX, overwrite: bool = False) -> Path:
     """Write the synthetic CUB root at `out` and return it.
 
     The root appears complete or not at all (drawn in a hidden sibling folder, then renamed). An
     existing root made with the same options is kept as it is (reruns of `make demo` are free);
     one made with other options, or any other non-empty folder, is refused unless `overwrite`.
     """
-    options = SyntheticCubOptions(classes, images_per_class, size, seed, test_fraction, jpeg_quality)
+    options = SyntheticCubOptions(classes=classes, images_per_class=images_per_class, size=size, seed=seed,
+                                  test_fraction=test_fraction, jpeg_quality=jpeg_quality,
+                                  pattern_period=pattern_period)
     options.validate()
     out = Path(out)
     bird_list = bird_classes(options.classes)
@@ -623,39 +637,40 @@ def is_generated(out: str | Path, options: SyntheticCubOptions) -> bool:
 # ---------------------------------------------------------------- contact sheet
 
 def contact_sheet(path: str | Path, classes: int = 9, size: int = 128, seed: int = 0,
-                  crop: Optional[int] = None) -> Path:
-    """PNG: per class, the image with its box | the whole image downscaled 2x (what a baseline at
-    the crop size sees, shown enlarged) | the full-resolution crop around the bird (what attention
-    can get)."""
+                  crop: Optional[int] = None, pattern_period: float = PATTERN_PERIOD_PX) -> Path:
+    """PNG, one image per class: the image with its bird box | the whole image downscaled to the
+    crop size (what a baseline at that size sees; shown enlarged) | the full-resolution crop
+    around the bird (what attention can get; shown enlarged). 256 colours keep the file small."""
     crop = crop or size // 2
     bird_list = bird_classes(classes)
     label_h, gap = 14, 4
     cell_w = 3 * size + 2 * gap
-    cols = 3 if classes >= 3 else classes
+    cols = min(3, classes)
     rows = math.ceil(classes / cols)
-    sheet = Image.new("RGB", (cols * cell_w + (cols - 1) * 3 * gap, rows * (size + label_h + gap)), "white")
+    width = cols * cell_w + (cols - 1) * 3 * gap
+    sheet = Image.new("RGB", (width, label_h + rows * (size + label_h + gap)), "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((0, 0), f"per class: {size}px image + bird box | downscaled to {crop}px | {crop}px full-res crop",
+              fill=(0, 0, 0))
     for i, cls in enumerate(bird_list):
-        sample = draw_bird_image(cls, size, image_rng(seed, 10_000 + i))
+        sample = draw_bird_image(cls, size, image_rng(seed, 10_000 + i), pattern_period)
         full = Image.open(io.BytesIO(_jpeg_bytes(sample.image, 90))).convert("RGB")
         x, y, w, h = sample.bbox
         boxed = full.copy()
         ImageDraw.Draw(boxed).rectangle([x, y, x + w - 1, y + h - 1], outline=(255, 0, 0))
-        small = full.resize((size // 2, size // 2), Image.BILINEAR, reducing_gap=None)
-        small = small.resize((size, size), Image.NEAREST)
-        cx, cy = x + w / 2, y + h / 2
-        left = int(round(min(max(cx - crop / 2, 0), size - crop)))
-        top = int(round(min(max(cy - crop / 2, 0), size - crop)))
+        small = full.resize((crop, crop), Image.BILINEAR).resize((size, size), Image.NEAREST)
+        left = int(round(min(max(x + w / 2 - crop / 2, 0), size - crop)))
+        top = int(round(min(max(y + h / 2 - crop / 2, 0), size - crop)))
         zoom = full.crop((left, top, left + crop, top + crop)).resize((size, size), Image.NEAREST)
         ox = (i % cols) * (cell_w + 3 * gap)
-        oy = (i // cols) * (size + label_h + gap)
+        oy = label_h + (i // cols) * (size + label_h + gap)
         draw.text((ox, oy), f"{i + 1}: {PATTERN_WORDS[cls.head]} crown, {PATTERN_WORDS[cls.wing]} wing",
                   fill=(0, 0, 0))
         for j, panel in enumerate((boxed, small, zoom)):
             sheet.paste(panel, (ox + j * (size + gap), oy + label_h))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG", optimize=True)
+    sheet.quantize(256, dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
     return path
 
 
@@ -676,12 +691,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
                         help="fraction of each class marked 0 (test) in train_test_split.txt")
     parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+    parser.add_argument("--pattern-period", type=float, default=defaults.pattern_period,
+                        help="period of the class-deciding patterns in pixels (default %(default)s: unreadable "
+                             "after a 2x downscale; ~5 makes them readable there, an easier task)")
     parser.add_argument("--overwrite", action="store_true", help="replace a root made with other options")
     parser.add_argument("--sheet", metavar="PNG", help="also write a contact sheet of one image per class")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    options = SyntheticCubOptions(args.classes, args.images_per_class, args.size, args.seed,
-                                  args.test_fraction, args.jpeg_quality)
+    options = SyntheticCubOptions(classes=args.classes, images_per_class=args.images_per_class, size=args.size,
+                                  seed=args.seed, test_fraction=args.test_fraction,
+                                  jpeg_quality=args.jpeg_quality, pattern_period=args.pattern_period)
     options.validate()
     state = "up to date:" if is_generated(args.out, options) else "wrote"
     root = generate(args.out, overwrite=args.overwrite, **asdict(options))
@@ -690,5 +709,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"synthetic-cub: {state} {root} ({total} images, {args.classes} classes, "
           f"{total - n_test} train / {n_test} test, {args.size}px) in {time.perf_counter() - start:.1f}s")
     if args.sheet:
-        print(f"synthetic-cub: contact sheet {contact_sheet(args.sheet, args.classes, args.size, args.seed)}")
+        sheet = contact_sheet(args.sheet, args.classes, args.size, args.seed, pattern_period=args.pattern_period)
+        print(f"synthetic-cub: contact sheet {sheet}")
     return 0
