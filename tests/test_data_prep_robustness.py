@@ -246,3 +246,18 @@ def test_verify_reports_what_is_wrong(cub_root, tmp_path, capsys):
     assert "json lacks id" in err
     assert "split 'test' says num_samples 999" in err
     assert data_prep_main(["verify", str(tmp_path / "nothing")]) == 2
+
+
+def test_jpeg_check_finds_truncation_but_keeps_trailing_data(cub_root):
+    data = image_path(cub_root, 1).read_bytes()
+    size = Image.open(io.BytesIO(data)).size
+    assert cub.inspect_jpeg(data)[:2] == size
+    assert cub.inspect_jpeg(data + b"\0" * 5000)[:2] == size  # data after the end marker: decoded, kept
+    progressive = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(progressive, format="JPEG", progressive=True)
+    assert cub.inspect_jpeg(progressive.getvalue()) == (*size, "RGB")
+    for cut in (len(data) - 10, len(data) // 2, 300):
+        with pytest.raises(cub.BadImage):
+            cub.inspect_jpeg(data[:cut])
+    with pytest.raises(cub.BadImage, match="not a JPEG"):
+        cub.inspect_jpeg(b"GIF89a" + data)
