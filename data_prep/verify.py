@@ -133,11 +133,12 @@ def check_sample(manifest: Dict[str, Any], fields: Dict[str, bytes]) -> List[str
     if missing:
         return [f"missing {', '.join(missing)} (has {', '.join(sorted(fields))})"]
     problems = []
+    image_size = None
     for ext in ("jpg", "png"):
         if ext in fields:
             try:
                 with Image.open(io.BytesIO(fields[ext])) as image:
-                    image.convert("RGB").load()
+                    image_size = list(image.convert("RGB").size)
             except Exception as err:  # PIL raises many types for broken files
                 problems.append(f"{ext} does not decode ({type(err).__name__}: {str(err)[:60]})")
     meta: Dict[str, Any] = {}
@@ -158,11 +159,40 @@ def check_sample(manifest: Dict[str, Any], fields: Dict[str, bytes]) -> List[str
     wanted = CUB_JSON if dataset == "cub" else SVHN_JSON if dataset == "svhn" else ()
     absent = [k for k in wanted if k not in meta]
     if absent:
-        problems.append(f"json lacks {', '.join(absent)}")
-    elif dataset == "cub" and len(meta["parts"]) != len(manifest.get("parts", meta["parts"])):
+        return problems + [f"json lacks {', '.join(absent)}"]
+    if dataset == "cub":
+        problems.extend(_check_cub(manifest, meta, image_size))
+    elif dataset == "svhn":
+        problems.extend(_check_svhn(manifest, meta, image_size))
+    return problems
+
+
+def _check_cub(manifest: Dict[str, Any], meta: Dict[str, Any], image_size: Optional[list]) -> List[str]:
+    problems = []
+    if "parts" in manifest and len(meta["parts"]) != len(manifest["parts"]):
         problems.append(f"{len(meta['parts'])} parts, manifest lists {len(manifest['parts'])}")
-    elif dataset == "svhn" and len(meta["digits"]) != meta["length"]:
-        problems.append(f"length {meta['length']} but {len(meta['digits'])} digits")
+    if image_size is not None and meta["size"] != image_size:
+        problems.append(f"json size {meta['size']} but the image is {image_size}")
+    if len(meta["bbox"]) != 4:
+        problems.append(f"bbox {meta['bbox']} is not [x, y, w, h]")
+    return problems
+
+
+def _check_svhn(manifest: Dict[str, Any], meta: Dict[str, Any], image_size: Optional[list]) -> List[str]:
+    digits, length = meta["digits"], meta["length"]
+    problems = []
+    if len(digits) != length or not 1 <= length <= manifest.get("max_length", 5):
+        problems.append(f"length {length} with {len(digits)} digits (at most {manifest.get('max_length', 5)})")
+    if any(not isinstance(d, int) or not 0 <= d <= 9 for d in digits):
+        problems.append(f"digits {digits} not all in 0..9")
+    boxes = meta.get("boxes")
+    if boxes is not None and image_size is not None:
+        if len(boxes) != length:
+            problems.append(f"{len(boxes)} boxes for {length} digits")
+        w, h = image_size
+        outside = [b for b in boxes if b[0] < 0 or b[1] < 0 or b[0] + b[2] > w + 0.01 or b[1] + b[3] > h + 0.01]
+        if outside:
+            problems.append(f"box {outside[0]} reaches outside the {w}x{h} image")
     return problems
 
 

@@ -209,3 +209,23 @@ def test_missing_and_corrupt_pictures(svhn_root, tmp_path, capsys):
         svhn.prepare(svhn_root, tmp_path / "strict", skip_missing=True, strict=True)
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
+
+
+def test_verify_checks_svhn_labels_and_boxes(svhn_root, tmp_path):
+    from data_prep.shards import encode_png, write_json_atomic, write_shard
+
+    out = tmp_path / "out"
+    manifest = svhn.prepare(svhn_root, out, split="train", shard_size=4)
+    assert verify(out)[0] == []
+    png = encode_png(np.zeros((64, 64, 3), np.uint8))
+    bad = [{"__key__": "bad_1", "png": png, "json": {"id": "bad_1", "digits": [1, 12], "length": 2, "source": "train",
+                                                       "boxes": [[0, 0, 10, 10], [60, 0, 10, 10]]}},
+           {"__key__": "bad_2", "png": png, "json": {"id": "bad_2", "digits": [1], "length": 3, "source": "train",
+                                                       "boxes": [[0, 0, 10, 10]]}}]
+    manifest["splits"]["train"]["shards"][0] = write_shard(out / "train-000000.tar", bad)
+    manifest["splits"]["train"]["num_samples"] = sum(s["num_samples"] for s in manifest["splits"]["train"]["shards"])
+    write_json_atomic(out / "manifest.json", manifest)
+    problems = "\n".join(verify(out)[0])
+    assert "sample bad_1: digits [1, 12] not all in 0..9" in problems
+    assert "sample bad_1: box [60, 0, 10, 10] reaches outside the 64x64 image" in problems
+    assert "sample bad_2: length 3 with 1 digits" in problems
