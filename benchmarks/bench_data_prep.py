@@ -7,8 +7,10 @@ else synthetic JPEGs of CUB's size), reads it once so every figure is warm-cache
 turn and `--repeats` times each (median reported):
   read bound   `tar cf - images | cat > /dev/null`  (GNU tar skips reading when -f is /dev/null)
   tar bound    `tar cf OUT/all.tar images`           (read + write the bytes once: the job's own I/O)
+  copy floor   a Python loop that reads, sha256-hashes and writes every file once (no tar, no fsync):
+               the least work any job that writes checksummed shards must do
   data_prep    `python -m data_prep cub --workers W` for each W (and `--check full` with one worker)
-and prints samples/s and the ratio bound / data_prep (goal: <= 2 with one worker).
+and prints samples/s and the ratio read bound / each (goal: <= 2 for data_prep with one worker).
 """
 from __future__ import annotations
 
@@ -76,6 +78,20 @@ def _synthetic_jpegs(count: int) -> list:
     return out
 
 
+COPY_FLOOR = """
+import hashlib, os, sys
+root, out = sys.argv[1], sys.argv[2]
+sha = hashlib.sha256()
+with open(out, "wb") as sink:
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+            sha.update(data)
+            sink.write(data)
+"""
+
+
 def timed(cmd, shell: bool = False) -> float:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     start = time.perf_counter()
@@ -105,7 +121,7 @@ def main(argv=None) -> int:
             return timed([sys.executable, "-m", "data_prep", "cub", "--root", str(root), "--out", str(out),
                           "--workers", str(workers), "--check", check])
 
-        runs = {"read_bound": [], "tar_bound": []}
+        runs = {"read_bound": [], "tar_bound": [], "copy_floor": []}
         variants = [(w, "fast") for w in args.workers] + [(1, "full")]
         for w, check in variants:
             runs[f"data_prep_w{w}_{check}"] = []
@@ -113,6 +129,8 @@ def main(argv=None) -> int:
             runs["read_bound"].append(timed(f"tar cf - -C {root} images | cat > /dev/null", shell=True))
             runs["tar_bound"].append(timed(["tar", "cf", str(work / "all.tar"), "-C", str(root), "images"]))
             (work / "all.tar").unlink()
+            runs["copy_floor"].append(timed([sys.executable, "-c", COPY_FLOOR, str(root / "images"), str(work / "all.bin")]))
+            (work / "all.bin").unlink()
             for w, check in variants:
                 runs[f"data_prep_w{w}_{check}"].append(data_prep(w, check))
         median = {name: statistics.median(times) for name, times in runs.items()}
@@ -129,6 +147,8 @@ def main(argv=None) -> int:
                                                  if k.startswith("data_prep")},
             "ratio_tar_bound_over_data_prep": {k: round(rate["tar_bound"] / v, 2) for k, v in rate.items()
                                                 if k.startswith("data_prep")},
+            "ratio_copy_floor_over_data_prep": {k: round(rate["copy_floor"] / v, 2) for k, v in rate.items()
+                                                 if k.startswith("data_prep")},
         }
     finally:
         if args.workdir is None:

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -168,9 +168,15 @@ def _write_all(out: Path, todo: List[ShardSpec], build, opts: JobOptions) -> Non
         for spec in todo:
             _write_one(out, spec, build, opts.strict)
         return
-    with ProcessPoolExecutor(max_workers=opts.workers) as pool:
-        # list() re-raises the first worker error (e.g. --strict on a corrupt image)
-        list(pool.map(_write_one, [out] * len(todo), todo, [build] * len(todo), [opts.strict] * len(todo)))
+    pool = ProcessPoolExecutor(max_workers=opts.workers)
+    futures = [pool.submit(_write_one, out, spec, build, opts.strict) for spec in todo]
+    try:
+        for future in as_completed(futures):
+            future.result()  # re-raises the first error (e.g. --strict on a corrupt image)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # shards already started finish; no new ones
+        raise
+    pool.shutdown(wait=True)
 
 
 def _write_one(out: Path, spec: ShardSpec, build, strict: bool) -> str:
