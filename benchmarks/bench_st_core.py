@@ -106,6 +106,16 @@ def bench_streams(args, n: int, backbone_s: float) -> dict:
     return out
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +133,7 @@ def main(argv=None) -> int:
     args.bf16 = args.device == "cuda"
     args.channels_last = args.device == "cuda"
     torch.manual_seed(0)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": {}}

@@ -207,6 +207,17 @@ def test_spatial_transformer_single_identity():
     torch.testing.assert_close(crops[:, 0], x, atol=1e-5, rtol=0)
 
 
+def test_transform_head_runs_in_float32_under_autocast():
+    st = SpatialTransformer(_Flatten(), 3 * 8 * 8, "translation", 4, num_transforms=2, bound="tanh")
+    with torch.no_grad():
+        st.head.weight.normal_(std=0.1)
+    x = _image(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        crops, theta = st(x)
+    assert theta.dtype == torch.float32
+    torch.testing.assert_close(theta, st(x)[1])
+
+
 def test_tanh_bound_keeps_windows_inside():
     st = SpatialTransformer(_Flatten(), 12, "translation", 4, num_transforms=2, scale=0.5, bound="tanh")
     with torch.no_grad():

@@ -285,8 +285,12 @@ class SpatialTransformer(nn.Module):
 
     def predict(self, loc_input: torch.Tensor) -> torch.Tensor:
         """Transform parameters (B, N, *theta_shape) from the localisation input."""
-        raw = self.head(self.localisation(loc_input)).reshape(loc_input.shape[0], self.num_transforms, -1)
-        return self._bounded(raw)
+        features = self.localisation(loc_input)
+        # The regression runs in the head's own dtype (float32 under autocast): in bf16 a window
+        # position would be rounded to about 1/256 of the image, a pixel or more at 448 px.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            raw = self.head(features.to(self.head.weight.dtype))
+        return self._bounded(raw.reshape(loc_input.shape[0], self.num_transforms, -1))
 
     def forward(self, x: torch.Tensor, loc_input: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(crops (B, N, C, h, w), theta (B, N, ...)); the localisation net sees `loc_input` (default x)."""
