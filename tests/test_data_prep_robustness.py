@@ -261,3 +261,17 @@ def test_jpeg_check_finds_truncation_but_keeps_trailing_data(cub_root):
             cub.inspect_jpeg(data[:cut])
     with pytest.raises(cub.BadImage, match="not a JPEG"):
         cub.inspect_jpeg(b"GIF89a" + data)
+
+
+@pytest.mark.parametrize("name, line, bad", [
+    ("bounding_boxes.txt", 3, "3 14.0 112.0 wide 186.0"),
+    ("parts/part_locs.txt", 5, "1 5 10.0 20.0"),
+    ("images.txt", 2, "2"),
+])
+def test_malformed_metadata_line_named_with_its_number(cub_root, tmp_path, name, line, bad):
+    root = light_copy(cub_root, tmp_path)
+    lines = (root / name).read_text().splitlines()
+    lines[line - 1] = bad
+    (root / name).write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataPrepError, match=rf"{name}:{line}: expected .*{bad[:8]}"):
+        cub.make_plan(root)
