@@ -218,8 +218,9 @@ def test_corrupt_sample_error_names_shard_and_key(corrupt_root):
     cfg = tiny_config("data.on_corrupt=error")
     with pytest.raises(DataError, match=r"test-000000\.tar key 000009: not an image"):
         list(build_eval_loader(cfg, manifest, "test", 0, 1, batch_size=4, num_workers=0))
-    with pytest.raises(DataError, match=r"train-000000\.tar key 000002"):
-        _take(build_train_loader(cfg, manifest, 0, 1, 4, seed=0), 20)
+    with pytest.raises(DataError, match=r"train-000000\.tar key 000002") as raised:
+        _take(build_train_loader(tiny_config("data.on_corrupt=error", "train.num_workers=2"), manifest, 0, 1, 4, 0), 20)
+    assert "\n" not in str(raised.value)  # one line, not the worker's traceback
 
 
 def test_all_corrupt_stream_fails_instead_of_hanging(tmp_path):
@@ -307,6 +308,8 @@ def test_normalize_on_device_matches_float_reference():
     out = normalize(loader_layout, mean, std, channels_last=False)
     assert out.is_contiguous()
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(images.float(), mean, std)
 
 
 def test_truncated_jpeg_is_a_corrupt_sample():

@@ -44,12 +44,13 @@ def train_augment(cfg: Config):
     import albumentations as A  # here, not at the top: evaluation-only processes skip its slow import
 
     size, resize = cfg.model.input_size, effective_resize(cfg)
+    area = {"area_for_downscale": "image"}  # INTER_AREA when shrinking (no aliasing), linear when enlarging
     if cfg.data.augment == "cub":
-        steps = [A.SmallestMaxSize(max_size=resize), A.RandomCrop(size, size), A.HorizontalFlip(p=0.5)]
+        steps = [A.SmallestMaxSize(max_size=resize, **area), A.RandomCrop(size, size), A.HorizontalFlip(p=0.5)]
     elif cfg.data.augment == "svhn":  # flipping digits would change their meaning
-        steps = [A.Resize(resize, resize), A.RandomCrop(size, size)]
+        steps = [A.Resize(resize, resize, **area), A.RandomCrop(size, size)]
     else:
-        steps = [A.Resize(size, size)]
+        steps = [A.Resize(size, size, **area)]
     return A.Compose(steps, seed=cfg.train.seed)
 
 
@@ -96,6 +97,7 @@ def eval_view(width: int, height: int, cfg: Config) -> Tuple[View, Tuple[int, in
 def eval_transform(image: np.ndarray, original_size: Sequence[int], cfg: Config) -> Tuple[np.ndarray, View]:
     """Resize and centre-crop `image` (possibly decoded at reduced size) to input_size^2."""
     view, (new_w, new_h) = eval_view(*original_size, cfg)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    shrink = new_w < image.shape[1] or new_h < image.shape[0]
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     x0, y0, size = int(view.offset_x), int(view.offset_y), view.size
     return resized[y0:y0 + size, x0:x0 + size], view

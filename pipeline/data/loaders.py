@@ -40,14 +40,30 @@ def _worker() -> Tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class _RankWorkerSeed:
-    """ResampledShards' worker_seed: distinct per (rank, DataLoader worker); picklable for workers."""
+class _Seeds:
+    """The stream's seeds: one per (seed, rank, DataLoader worker, epoch, stage), picklable for workers.
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    The loader sets `epoch` before each iter(); workers read it when they start.
+    """
 
-    def __call__(self) -> int:
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def __call__(self, *stage: int) -> int:
+        return wds.utils.make_seed(self.seed, self.rank, _worker()[0], self.epoch, *stage)
+
+    def rank_worker(self) -> int:
+        """ResampledShards' worker_seed (it mixes in its own seed and epoch)."""
         return wds.utils.make_seed(self.rank, _worker()[0])
+
+
+def _one_line(err: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker comes back wrapped in its traceback: keep its message."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "DataError: " in line:
+            return DataError(line.split("DataError: ", 1)[1])
+    return DataError(lines[-1] if lines else "data error in a loader worker")
 
 
 class _ShardReadError:
@@ -70,9 +86,9 @@ class _Decode:
     stage runs in a DataLoader worker process whose counters the trainer cannot read.
     """
 
-    def __init__(self, cfg: Config, task: str, max_length: int, train: bool, seed: int, rank: int):
-        self.cfg, self.task, self.max_length, self.train = cfg, task, max_length, train
-        self.seed, self.rank, self.epoch = seed, rank, 0
+    def __init__(self, cfg: Config, task: str, max_length: int, seeds: Optional[_Seeds] = None):
+        self.cfg, self.task, self.max_length = cfg, task, max_length
+        self.seeds = seeds  # None: evaluation, the deterministic view; else training, augmented
         self.min_side = effective_resize(cfg)
 
     def _target(self, sample: Dict[str, Any], meta: Dict[str, Any]):
@@ -94,9 +110,9 @@ class _Decode:
         if get_worker_info() is not None:  # one thread per worker: W workers x OpenCV's core-count pool oversubscribes
             cv2.setNumThreads(1)
         augment = None
-        if self.train:  # albumentations' own RNG, seeded per rank, worker and epoch like the shards
+        if self.seeds is not None:  # albumentations' own RNG, seeded per rank, worker and epoch like the shards
             augment = train_augment(self.cfg)
-            augment.set_random_seed(wds.utils.make_seed(self.seed, self.rank, _worker()[0], self.epoch))
+            augment.set_random_seed(self.seeds(2))
         skipped = in_a_row = 0
         for sample in samples:
             try:
@@ -157,29 +173,33 @@ class TrainLoader:
 
     `num_skipped` counts the corrupt samples skipped so far (data.on_corrupt=skip). Each
     `iter()` starts a new epoch: new shard draws, shuffle and augmentation seeds. A resumed run
-    should call `set_epoch` (e.g. with its step) so it does not replay the first run's samples.
+    should pass a seed derived from its step (or call `set_epoch`) so it does not replay the
+    first run's samples.
     """
 
-    def __init__(self, pipeline: wds.DataPipeline, decode: _Decode, shards: wds.ResampledShards,
-                 seed: int, num_workers: int, pin_memory: bool):
-        self.pipeline, self._decode, self._shards = pipeline, decode, shards
-        self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+    def __init__(self, pipeline: wds.DataPipeline, seeds: _Seeds, shards: wds.ResampledShards,
+                 num_workers: int, pin_memory: bool):
+        self.pipeline, self._seeds, self._shards = pipeline, seeds, shards
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.epoch, self.num_skipped = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> "TrainStream":
-        self._decode.epoch = self.epoch
-        self._shards.seed = wds.utils.make_seed(self.seed, self.epoch)
+        self._seeds.epoch = self.epoch
+        self._shards.seed = self._seeds(1)
         self.epoch += 1
         return TrainStream(self, self._batches())
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for images, targets, _, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
-            self.num_skipped += skipped
-            if images is not None:
-                yield images, targets
+        try:
+            for images, targets, _, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
+                self.num_skipped += skipped
+                if images is not None:
+                    yield images, targets
+        except DataError as err:
+            raise _one_line(err) from None
 
 
 class TrainStream:
@@ -200,16 +220,16 @@ class TrainStream:
 
 
 class _SeededShuffle:
-    """Stage: webdataset's buffer shuffle with a seed per rank, worker and epoch (set before iter)."""
+    """Stage: webdataset's buffer shuffle with a seed per rank, worker and epoch."""
 
-    def __init__(self, bufsize: int, decode: _Decode):
-        self.bufsize, self.decode = bufsize, decode
+    def __init__(self, bufsize: int, seeds: _Seeds):
+        self.bufsize, self.seeds = bufsize, seeds
 
     def __call__(self, samples):
         if self.bufsize <= 1:
             return samples
-        seed = wds.utils.make_seed(self.decode.seed, self.decode.rank, _worker()[0], self.decode.epoch, 1)
-        return wds.filters._shuffle(samples, self.bufsize, min(self.bufsize, 100), rng=random.Random(seed))
+        rng = random.Random(self.seeds(3))
+        return wds.filters._shuffle(samples, self.bufsize, min(self.bufsize, 100), rng=rng)
 
 
 def build_train_loader(cfg: Config, manifest: Manifest, rank: int, world_size: int, micro_batch: int,
@@ -219,17 +239,17 @@ def build_train_loader(cfg: Config, manifest: Manifest, rank: int, world_size: i
     shard_paths = manifest.shard_paths(cfg.data.train_split)
     if not shard_paths:
         raise DataError(f"{manifest.root / 'manifest.json'}: split '{cfg.data.train_split}' lists no shards")
-    decode = _Decode(cfg, manifest.task, manifest.max_length, train=True, seed=seed, rank=rank)
-    shards = wds.ResampledShards(shard_paths, seed=seed, worker_seed=_RankWorkerSeed(rank), deterministic=True)
+    seeds = _Seeds(seed, rank)
+    shards = wds.ResampledShards(shard_paths, seed=seed, worker_seed=seeds.rank_worker, deterministic=True)
     pipeline = wds.DataPipeline(
         shards,                                    # {"url"}: a shard drawn at random, forever
         wds.tarfile_to_samples(handler=_ShardReadError(cfg.data.on_corrupt)),  # raw samples of that shard
-        _SeededShuffle(cfg.data.shuffle_buffer, decode),  # the same samples, shuffled in a buffer
-        decode,                                    # (uint8 HxWx3 augmented image, target, {}, skipped)
+        _SeededShuffle(cfg.data.shuffle_buffer, seeds),  # the same samples, shuffled in a buffer
+        _Decode(cfg, manifest.task, manifest.max_length, seeds),  # (uint8 HxWx3 augmented image, target, {}, skipped)
         _Batch(micro_batch, partial=False),        # (images, targets, metas, skipped)
     )
     workers = cfg.train.num_workers if num_workers is None else num_workers
-    return TrainLoader(pipeline, decode, shards, seed, workers, pin_memory=torch.cuda.is_available())
+    return TrainLoader(pipeline, seeds, shards, workers, pin_memory=torch.cuda.is_available())
 
 
 class EvalLoader:
@@ -250,17 +270,20 @@ class EvalLoader:
         self.num_skipped = 0
         if self.pipeline is None:
             return
-        for images, targets, metas, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
-            self.num_skipped += skipped
-            if images is not None:
-                yield images, targets, metas
+        try:
+            for images, targets, metas, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
+                self.num_skipped += skipped
+                if images is not None:
+                    yield images, targets, metas
+        except DataError as err:
+            raise _one_line(err) from None
 
 
 def build_eval_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                       batch_size: int, num_workers: int) -> EvalLoader:
     """Every sample of `split` exactly once over all ranks and workers; deterministic centre view."""
     shard_paths = manifest.shard_paths(split)[rank::world_size]  # node split before worker split
-    decode = _Decode(cfg, manifest.task, manifest.max_length, train=False, seed=0, rank=rank)
+    decode = _Decode(cfg, manifest.task, manifest.max_length)
     if not shard_paths:  # more ranks than shards: this rank scores nothing (and still joins the all-reduce)
         return EvalLoader(None, [], 0, pin_memory=False)
     pipeline = wds.DataPipeline(
@@ -283,6 +306,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     1-byte values, before the float tensor exists.
     """
     images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize expects the loaders' uint8 images, got {images.dtype}")
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
     inv_std = 1.0 / (torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0)
-    return (images.float() - mean_t) * inv_std
+    return images.float().sub_(mean_t).mul_(inv_std)  # in place: one float tensor, not three (2x faster on CPU)
