@@ -9,6 +9,7 @@ turn and `--repeats` times each (median reported):
   tar bound    `tar cf OUT/all.tar images`           (read + write the bytes once: the job's own I/O)
   copy floor   a Python loop that reads, sha256-hashes and writes every file once (no tar, no fsync):
                the least work any job that writes checksummed shards must do
+  plan only    start Python, import data_prep, read and check the metadata: data_prep's fixed cost
   data_prep    `python -m data_prep cub --workers W` for each W (and `--check full` with one worker)
 and prints samples/s and the ratio read bound / each (goal: <= 2 for data_prep with one worker).
 """
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
             return timed([sys.executable, "-m", "data_prep", "cub", "--root", str(root), "--out", str(out),
                           "--workers", str(workers), "--check", check])
 
-        runs = {"read_bound": [], "tar_bound": [], "copy_floor": []}
+        runs = {"read_bound": [], "tar_bound": [], "copy_floor": [], "plan_only": []}
         variants = [(w, "fast") for w in args.workers] + [(1, "full")]
         for w, check in variants:
             runs[f"data_prep_w{w}_{check}"] = []
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
             (work / "all.tar").unlink()
             runs["copy_floor"].append(timed([sys.executable, "-c", COPY_FLOOR, str(root / "images"), str(work / "all.bin")]))
             (work / "all.bin").unlink()
+            runs["plan_only"].append(timed([sys.executable, "-c", f"from data_prep import cub; cub.make_plan({str(root)!r})"]))
             for w, check in variants:
                 runs[f"data_prep_w{w}_{check}"].append(data_prep(w, check))
         median = {name: statistics.median(times) for name, times in runs.items()}
