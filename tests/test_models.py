@@ -159,6 +159,14 @@ def test_svhn_multi_boxes_compose_the_transformers():
     torch.testing.assert_close(boxes[3], boxes[1])  # the later transformers are still the identity
 
 
+@pytest.mark.parametrize("name", OUR_MODELS)
+def test_wrong_input_size_names_the_setting(name):
+    model = create_model(name, **SMALL[name])
+    size = SMALL[name].get("input_size", 64) + 16
+    with pytest.raises(ValueError, match=f"model.input_size={SMALL[name].get('input_size', 64)}"):
+        model(torch.zeros(1, 3, size, size))
+
+
 def test_svhn_rejects_bad_input_size():
     with pytest.raises(ValueError, match="input_size=12"):
         create_model("svhn_cnn", input_size=12)

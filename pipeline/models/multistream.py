@@ -58,7 +58,7 @@ class NxSTCNN(nn.Module):
         self.classifier = nn.Linear(sum(s.num_features for s in self.streams), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        crops, _ = self.transformer(x)
+        crops, _ = self.transformer(check_input(x, self.input_size))
         return self.classify(crops)
 
     def classify(self, crops: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class NxSTCNN(nn.Module):
         return features.flatten(1)
 
     def attend(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        crops, theta = self.transformer(x)
+        crops, theta = self.transformer(check_input(x, self.input_size))
         return {"theta": theta.flatten(2), "boxes": self.transformer.boxes(theta), "crops": crops}
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
@@ -122,6 +122,7 @@ class BackboneClassifier(nn.Module):
         self.classifier = nn.Linear(self.backbone.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.input_size)
         if self.resize_to:
             x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear",
                               align_corners=False, antialias=True)
@@ -129,6 +130,15 @@ class BackboneClassifier(nn.Module):
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {"backbone": list(self.backbone.parameters()), "head": list(self.classifier.parameters())}
+
+
+def check_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x itself, or a ValueError when it is not (B, C, size, size): the window geometry and the
+    localisation downscale are set for model.input_size."""
+    if x.dim() != 4 or x.shape[-2] != size or x.shape[-1] != size:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not match model.input_size={size}: "
+                         f"expected (B, C, {size}, {size})")
+    return x
 
 
 @register_model

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import register_model
 from .localisation import ConvLocalisation, FcLocalisation
+from .multistream import check_input
 from .spatial_transformer import SpatialTransformer, warp, window_boxes
 
 # (output channels, 2x2 max pool after it) of the eight conv layers.
@@ -68,6 +69,7 @@ class SVHNNet(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(hidden, NUM_SYMBOLS) for _ in range(NUM_DIGITS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.input_size)
         for index, block in enumerate(self.convs):
             if str(index) in self.transformers:
                 x = self.transformers[str(index)](x)[0][:, 0]
@@ -96,7 +98,7 @@ class SVHNSTCNN(SVHNNet):
         through the composition A_1 A_2 ... A_k; its box and crop are those of that composition.
         """
         thetas, composed, total = [], [], None
-        h = x
+        h = check_input(x, self.input_size)
         for index, block in enumerate(self.convs):
             if str(index) in self.transformers:
                 crops, theta = self.transformers[str(index)](h)
