@@ -5,16 +5,18 @@ behind: shards and manifest, run directory, job state, restart count, job log.
 """
 from __future__ import annotations
 
+import csv
 import json
-import shutil
+import secrets
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, need_program, subprocess_env
-from slurm_cluster import SlurmCluster
+from conftest import PYTHON, REPO, need, need_program, subprocess_env
+from slurm_cluster import SlurmCluster, free_port
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -80,3 +82,125 @@ def test_prep_array_and_finalising_job_match_single_process_run(cluster, shared_
 
 def _logs(folder: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(Path(folder).glob("*.out")))
+
+
+# A tiny real training run: timm resnet10t streams on 64 px images, a handful of steps on CPU.
+TINY_TRAIN = {
+    "model": {"name": "nxst_cnn", "backbone": "resnet10t", "num_streams": 1, "input_size": 64, "crop_size": 32,
+              "num_classes": 3, "pretrained": None},
+    "data": {"augment": "none", "resize": 72, "shuffle_buffer": 16},
+    "optim": {"name": "adamw", "lr": 1e-3},
+    "schedule": {"name": "constant"},
+    "train": {"global_batch_size": 8, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2, "num_workers": 0,
+              "num_viz": 0, "log_every": 1, "device": "cpu", "precision": "fp32"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    from shard_fixtures import write_tiny_cub_shards
+    return write_tiny_cub_shards(tmp_path_factory.mktemp("tiny") / "cub", shards_per_split=4)
+
+
+def tiny_config(folder: Path, shards: Path, run_dir: Path, **train) -> Path:
+    values = json.loads(json.dumps(TINY_TRAIN))
+    values["data"]["root"] = str(shards)
+    values["run"] = {"dir": str(run_dir)}
+    values["train"].update(train)
+    path = folder / "tiny.yaml"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def metrics(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.multiprocess
+def test_train_job_runs_two_rank_gloo_ddp_to_completion(cluster, tiny_shards, tmp_path):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    config = tiny_config(tmp_path, tiny_shards, run_dir)
+    (job,) = submit(cluster, ["train", config, "--gpus-per-node", "0", "--cpu-workers", "2", "--log-dir", logs],
+                    job_env(cluster))
+    assert cluster.wait(job, timeout=240) == "COMPLETED", _logs(logs)
+    info = cluster.job(job)
+    assert info["ExitCode"] == "0:0" and info["NumNodes"] == "1"
+    log = (logs / f"stn-train-{job}.out").read_text()
+    assert "1 node(s) x 2 worker(s), launcher torchrun" in log and "finished with exit code 0" in log
+    rows = metrics(run_dir)
+    setup = next(r for r in rows if r["split"] == "setup")
+    assert setup["world_size"] == 2 and setup["device"] == "cpu"
+    assert max(r["step"] for r in rows if r["split"] == "train") == 4
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_0000002.pt", "step_0000004.pt"]
+
+
+def wait_for_step(run_dir: Path, step: int, job: str, cluster: SlurmCluster, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(
+                r["split"] == "train" and r["step"] >= step for r in metrics(run_dir)):
+            return
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), cluster.job(job)
+        time.sleep(0.2)
+    raise TimeoutError(f"training of job {job} did not reach step {step}")
+
+
+@pytest.mark.multiprocess
+def test_signalled_train_job_checkpoints_requeues_and_resumes(cluster, tiny_shards, tmp_path):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    max_steps = 12
+    # No periodic checkpoint before the end: the only one to resume from is the stop checkpoint.
+    config = tiny_config(tmp_path, tiny_shards, run_dir, max_steps=max_steps, checkpoint_every=1000,
+                         eval_every=1000)
+    (job,) = submit(cluster, ["train", config, "--gpus-per-node", "0", "--cpu-workers", "2", "--log-dir", logs],
+                    job_env(cluster))
+    wait_for_step(run_dir, 2, job, cluster)
+    # What `#SBATCH --signal=B:USR1@120` does ahead of the time limit: USR1 to the batch shell.
+    cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    cluster.wait_for(job, lambda i: i["JobState"] == "PENDING" and i["Restarts"] == "1", timeout=180)
+    assert cluster.wait(job, timeout=240) == "COMPLETED", _logs(logs)
+
+    log = (logs / f"stn-train-{job}.out").read_text()  # --open-mode=append keeps both runs' output
+    assert "got SIGUSR1" in log and "requeueing" in log and "(restart 1)" in log, log
+    assert "finished with exit code 0" in log
+    rows = metrics(run_dir)
+    starts = [i for i, r in enumerate(rows) if r["split"] == "setup"]
+    assert len(starts) == 2, rows  # one setup row per start of the trainer
+    first = [r["step"] for r in rows[starts[0]:starts[1]] if r["split"] == "train"]
+    second = [r["step"] for r in rows[starts[1]:] if r["split"] == "train"]
+    stopped = first[-1]
+    assert 2 <= stopped < max_steps
+    # the requeued run continued from the stop checkpoint (not from step 1) and reached the end
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {stopped}" in log
+    assert second[0] == stopped + 1 and second[-1] == max_steps, (first, second)
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_sweep_job_runs_ray_head_and_tiny_sweep_then_stops_ray(cluster, tiny_shards, tmp_path):
+    need((Path(PYTHON).parent / "ray").is_file(), "the Ray CLI beside this Python (the 'tune' extra)")
+    logs, storage = tmp_path / "logs", tmp_path / "sweeps"
+    dashboard = free_port()
+    # Ray's token auth stays on with a throwaway token (not ~/.ray/auth_token); own ports so that
+    # another Ray on this machine does not collide with the job's.
+    ports = " ".join(f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "ray-client-server-port",
+        "runtime-env-agent-port"))
+    env = job_env(cluster, RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
+                  RAY_DASHBOARD_PORT=str(dashboard), RAY_PORT=str(free_port()), LOGIN_HOST="login.example.org",
+                  RAY_START_ARGS=f"--disable-usage-stats {ports}", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+    env.pop("RAY_ADDRESS", None)
+    one_trial = 'space={"optim.lr": {"type": "grid", "values": [0.001]}}'
+    (job,) = submit(cluster, ["sweep", "configs/sweeps/tiny_cpu.yaml", f"data.root={tiny_shards}",
+                              f"storage_path={storage}", "train.max_steps=2", one_trial,
+                              "--cpus-per-task", "2", "--log-dir", logs], env)
+    assert cluster.wait(job, timeout=300) == "COMPLETED", _logs(logs)
+    log = (logs / f"stn-sweep-{job}.out").read_text()
+    assert f"ssh -N -L 8265:127.0.0.1:{dashboard} -J login.example.org localhost" in log
+    assert "sweep finished with exit code 0" in log and "stopping Ray" in log
+    with open(storage / "tiny_cpu" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["finished"] and rows[0]["step"] == "2"
+    # the dashboard was bound to 127.0.0.1 and is gone with the job's Ray
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", dashboard), timeout=2).close()

@@ -1,0 +1,111 @@
+"""Ray's job API against a running Ray head: `ray job submit ... -- python -m pipeline.tune ...`.
+
+This is how users run a sweep on an existing Ray cluster (docs/cluster.md): the head here is a
+`ray start --head --block` on localhost with its dashboard (the job API's address) on 127.0.0.1
+only, and Ray's token authentication on, with a throwaway token given through RAY_AUTH_TOKEN
+rather than the user's ~/.ray/auth_token. The head is stopped by its pid at the end.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, need, subprocess_env
+from shard_fixtures import write_tiny_cub_shards
+
+pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.multiprocess]
+
+RAY = str(Path(PYTHON).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """(dashboard URL, client env) of a one-node Ray head with the job API, stopped by pid afterwards."""
+    need(Path(RAY).is_file(), f"the Ray CLI at {RAY} (the 'tune' extra: ray[tune,default])")
+    env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
+                         RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
+    # Ray's sockets live under the temp dir: keep its path short (AF_UNIX paths are <= 107 bytes).
+    temp = Path(tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp"))
+    dashboard = free_port()
+    log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w+")
+    # Own ports for everything Ray would otherwise take by default, so that a second Ray on the
+    # machine (another test, a user's) does not collide with this one.
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2", "--disable-usage-stats",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--temp-dir={temp}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, f"ray start exited with {head.returncode}: {_tail(log)}"
+            probe = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, text=True,
+                                   timeout=60)
+            if probe.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"no job API at {url}: {probe.stderr[-2000:]} {_tail(log)}"
+            time.sleep(1)
+        yield url, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the Ray processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def _tail(log) -> str:
+    log.flush()
+    return Path(log.name).read_text()[-3000:]
+
+
+def test_ray_job_submit_runs_the_tiny_sweep_to_the_end(ray_head, tmp_path):
+    url, env = ray_head
+    shards = write_tiny_cub_shards(tmp_path / "cub")
+    storage = tmp_path / "sweeps"
+    # The command docs/cluster.md gives, from the repository root.
+    cmd = [RAY, "job", "submit", "--address", url, "--working-dir", ".", "--",
+           "python", "-m", "pipeline.tune", "--config", "configs/sweeps/tiny_cpu.yaml",
+           f"data.root={shards}", f"storage_path={storage}", "train.max_steps=4"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    assert "succeeded" in out.lower(), out[-3000:]
+    with open(storage / "tiny_cpu" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4  # the whole grid ran
+    assert {r["status"] for r in rows} <= {"finished", "early-stopped"}, rows
+    assert any(r["status"] == "finished" and int(r["step"]) == 4 for r in rows), rows
+    assert (storage / "tiny_cpu" / "best_config.yaml").is_file()
+
+
+def test_ray_job_api_refuses_a_client_without_the_token(ray_head):
+    url, env = ray_head
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    anonymous["RAY_AUTH_TOKEN_PATH"] = "/nonexistent/token"  # not the user's ~/.ray/auth_token either
+    res = subprocess.run([RAY, "job", "list", "--address", url], env=anonymous, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode != 0
