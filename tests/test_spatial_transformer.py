@@ -248,3 +248,19 @@ def test_warp_many_compiles_without_graph_breaks():
     torch.testing.assert_close(out, crops(x, translation, tps))
     out.sum().backward()
     assert x.grad.abs().sum() > 0 and translation.grad.abs().sum() > 0 and tps.grad.abs().sum() > 0
+
+
+def test_gradient_descent_moves_a_window_onto_a_bright_patch():
+    # The gradients are useful, not only correct: maximising the crop's brightness slides a
+    # translation window from its tiling place onto a bright square it only half covers at first.
+    image = torch.zeros(1, 1, 32, 32)
+    image[..., 20:30, 18:28] = 1.0                      # centre at normalised (0.4375, 0.5625)
+    theta = torch.tensor([[0.2, 0.25]], requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=0.02)
+    for _ in range(100):
+        opt.zero_grad()
+        (-warp(image, theta, "translation", 8, scale=0.25).mean()).backward()
+        opt.step()
+    box = window_boxes(theta.detach(), "translation", scale=0.25)[0]
+    square = torch.tensor([18, 20, 28, 30]) / 16.0 - 1.0   # [x0, y0, x1, y1] of the square
+    assert (box[:2] >= square[:2] - 1e-3).all() and (box[2:] <= square[2:] + 1e-3).all(), (box, square)
