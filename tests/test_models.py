@@ -214,3 +214,11 @@ def test_nxst_vmapped_streams_match_the_loop():
     assert set(fast.state_dict()) == set(loop.state_dict())
     loop.eval(), fast.eval()
     torch.testing.assert_close(fast(x), loop(x), atol=1e-10, rtol=1e-9)
+
+
+def test_nxst_vmapped_streams_refuse_sync_batchnorm():
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=2,
+                         num_classes=5, stream_mode="vmap")
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    with pytest.raises(ValueError, match="stream_mode='vmap'.*sync_bn"):
+        model(_input(SMALL["nxst_cnn"]))

@@ -76,6 +76,9 @@ class NxSTCNN(nn.Module):
         the loop; batch-norm running statistics are updated on the stack and copied back in one
         foreach call. Convolutions become grouped convolutions over the N streams.
         """
+        if self.training and any(isinstance(m, nn.SyncBatchNorm) for m in self.streams[0].modules()):
+            raise ValueError("model.extra.stream_mode='vmap' cannot run SyncBatchNorm (train.sync_bn=true): "
+                             "its all-reduce does not batch over streams; use stream_mode='loop'")
         per_param = [dict(s.named_parameters()) for s in self.streams]
         per_buffer = [dict(s.named_buffers()) for s in self.streams]
         params = {name: torch.stack([p[name] for p in per_param]) for name in per_param[0]}
