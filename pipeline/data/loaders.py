@@ -239,6 +239,7 @@ def build_train_loader(cfg: Config, manifest: Manifest, rank: int, world_size: i
     shard_paths = manifest.shard_paths(cfg.data.train_split)
     if not shard_paths:
         raise DataError(f"{manifest.root / 'manifest.json'}: split '{cfg.data.train_split}' lists no shards")
+    train_augment(cfg)  # checks the preset now, and imports albumentations once here, not in every worker
     seeds = _Seeds(seed, rank)
     shards = wds.ResampledShards(shard_paths, seed=seed, worker_seed=seeds.rank_worker, deterministic=True)
     pipeline = wds.DataPipeline(
