@@ -52,11 +52,7 @@ def evaluate_checkpoint(path: str | Path, split: Optional[str] = None, overrides
             raise ValueError(f"{path}: the stored config has no data.root; pass --data-root")
         manifest = read_manifest(cfg.data.root)
         model = build_model(cfg.model)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise ckpt.CheckpointError(f"{path}: weights do not fit model.name={cfg.model.name}: "
-                                       f"{str(err).splitlines()[0]}") from None
+        ckpt.load_weights(model, state["model"], path, cfg.model.name)
         model.to(env.device).eval()
         metrics = evaluate(model, cfg, manifest, split, env.device, env.rank, env.world_size, max_samples)
         return {"checkpoint": str(path), "step": state["step"], "split": split,

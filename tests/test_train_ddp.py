@@ -8,8 +8,8 @@ depend on how a batch is split. With BatchNorm they would: batch statistics over
 those over 2b (SyncBatchNorm, CUDA only, removes that difference).
 
 Tolerance: float32 sums in another order, so parameters agree to atol 1e-6 + rtol 1e-5, while one
-step moves them by orders of magnitude more (checked, and a step on half the batch is shown to be
-far outside the tolerance).
+step moves them by orders of magnitude more (checked), and a step on rank 0's half alone (what a
+missing all-reduce would give) is shown to land outside the tolerance.
 """
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ import torch.multiprocessing as mp
 from pipeline.config import load_config
 from pipeline.train.distributed import setup
 from pipeline.train.trainer import Trainer
-from test_train_helpers import TINY_MODEL
+from test_train_helpers import TINY_MODEL, one_thread  # noqa: F401 (fixture)
 
 GLOBAL_BATCH = 8
 ATOL, RTOL = 1e-6, 1e-5
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_batch():

@@ -5,6 +5,9 @@ import subprocess
 from pathlib import Path
 from typing import List, Sequence
 
+import pytest
+import torch
+
 from conftest import PYTHON, REPO, subprocess_env
 
 # A whole N x ST-CNN run in seconds on CPU: timm's tiny convnext (LayerNorm, so per-sample
@@ -31,3 +34,20 @@ def run_cli(overrides: Sequence[str], nproc: int = 1, module: str = "pipeline.tr
             timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(train_cmd(overrides, nproc, module), cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    """A failed run's own error lines first (torchrun's summary would bury them), then the tail."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error:", "Traceback"))
+              or "Error:" in line]
+    return "\n".join(errors[:20]) + "\n--- stderr tail ---\n" + result.stderr[-2000:]
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training with one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1):
+    extra threads only thrash on a busy 2-core runner."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,9 +14,11 @@ from PIL import Image
 from pipeline.config import load_config, to_dict
 from pipeline.train import main
 from shard_fixtures import write_tiny_cub_shards
-from test_train_helpers import run_cli, tiny_run
+from test_train_helpers import explain, run_cli, tiny_run, one_thread  # noqa: F401 (fixture)
 
 MAX_STEPS = 6
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def ddp_run(shards, tmp_path_factory):
     overrides = tiny_run(shards, run_dir, f"train.max_steps={MAX_STEPS}", "train.eval_every=3",
                          "train.checkpoint_every=2", "train.keep_checkpoints=2")
     result = run_cli(overrides, nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, explain(result)
     return run_dir, overrides, result
 
 
@@ -83,7 +85,7 @@ def test_evaluate_cli_under_torchrun_reproduces_the_checkpoint_metrics(ddp_run):
     run_dir, _, _ = ddp_run
     best = run_dir / "checkpoints" / "best.pt"
     result = run_cli(["--checkpoint", str(best), "--split", "test"], nproc=2, module="pipeline.evaluate")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, explain(result)
     printed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # rank 0 only
     stored = torch.load(best, weights_only=True)

@@ -86,6 +86,16 @@ def load(path: str | Path) -> Dict[str, Any]:
     return state
 
 
+def load_weights(model: torch.nn.Module, weights: Dict[str, Any], path: Path, model_name: str) -> None:
+    """Load a checkpoint's model weights, or raise a one-line CheckpointError saying what differs."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:])
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise CheckpointError(f"{path}: weights do not fit model.name={model_name}: {detail}") from None
+
+
 class CheckpointDir:
     """`<run.dir>/checkpoints`: writes step files, keeps the newest `keep`, aliases last/best."""
 

@@ -80,6 +80,7 @@ class Trainer:
         self.best: Optional[float] = None
         self.metrics: Optional[Dict[str, Any]] = None
         self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
+        self.resume_from = self.checkpoints.resume_path(cfg.train.resume)  # a missing file fails first
 
     # ------------------------------------------------------------------ the outline
 
@@ -163,17 +164,13 @@ class Trainer:
         random.seed(s)
 
     def restore_or_start(self) -> None:
-        path = self.checkpoints.resume_path(self.cfg.train.resume)
+        path = self.resume_from
         if path is None:
             if self.env.is_main:
                 save_config(self.cfg, self.run_dir / "config.yaml")
             return
         state = ckpt.load(path)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise ckpt.CheckpointError(f"{path}: weights do not fit model.name={self.cfg.model.name}: "
-                                       f"{str(err).splitlines()[0]}") from None
+        ckpt.load_weights(self.model, state["model"], path, self.cfg.model.name)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,181 @@
+"""Training-step cost of the N x ST-CNN against N+1 passes of its bare backbone, side by side.
+
+    .venv/bin/python benchmarks/bench_train_step.py                       # CPU: resnet10t, 224 -> 112 crops
+    .venv/bin/python benchmarks/bench_train_step.py --device cuda         # GPU: inception_v3, 448 -> 224, bf16
+    .venv/bin/python benchmarks/bench_train_step.py --backbone resnet10t --input-size 128 --streams 2 4
+
+Each variant is the trainer's own step (`Trainer.train_step`: normalise, forward, loss, backward,
+optimiser, schedule; channels_last and bf16 autocast on CUDA) on a fixed uint8 batch, so data
+loading is not timed. Measured in rounds that alternate the variants (machine load hits each alike):
+  nxst N     nxst_cnn with N streams at --input-size, crops of --crop-size
+  backbone   the bare backbone classifier (cub_baseline) on --crop-size images, same batch size
+and the figure of merit is  ratio = step(nxst N) / ((N + 1) x step(backbone)):  the N streams plus
+the localisation trunk are N+1 backbone passes at the crop size, so 1.0 means the transformers
+cost nothing beyond them (plain PyTorch reference on GPU: 1.06 for N=2, 1.10 for N=4).
+Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak RSS (VmHWM) of a fresh process
+that builds only that variant and trains 3 steps, and that peak minus its RSS after the imports.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.train.distributed import DistEnv  # noqa: E402
+from pipeline.train.trainer import Trainer  # noqa: E402
+
+GPU_DEFAULTS = {"backbone": "inception_v3", "input_size": 448, "crop_size": 224, "batch": 32}
+CPU_DEFAULTS = {"backbone": "resnet10t", "input_size": 224, "crop_size": 112, "batch": 8}
+
+
+def make_trainer(args, device: torch.device, streams: int):
+    """(world-size-1 trainer, fixed uint8 batch) for `streams` streams (0 = the bare backbone at the crop size)."""
+    size = args.input_size if streams else args.crop_size
+    model = ["model.name=nxst_cnn", f"model.num_streams={streams}", "optim.lr_scale.localisation=1e-4"] \
+        if streams else ["model.name=cub_baseline"]
+    cfg = load_config(None, [*model, f"model.backbone={args.backbone}", f"model.input_size={size}",
+                             f"model.crop_size={args.crop_size}", "model.pretrained=null",
+                             f"train.global_batch_size={args.batch}", f"train.precision={args.precision}",
+                             f"train.device={device.type}"])
+    trainer = Trainer(cfg, DistEnv(0, 1, 0, device, owns_group=False))
+    trainer.build_model_and_optimiser()
+    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
+    targets = torch.randint(0, cfg.model.num_classes, (args.batch,))
+    if device.type == "cuda":
+        images, targets = images.pin_memory(), targets.pin_memory()
+    return trainer, (images, targets)
+
+
+def timed_steps(variant, steps: int) -> float:
+    """Seconds per training step over `steps` steps (the device synchronised at both ends)."""
+    trainer, batch = variant
+    device = trainer.env.device
+    forever = iter(lambda: batch, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(forever)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def cpu_peak_rss(args, streams: int) -> dict:
+    """Peak RSS (MiB) of a fresh process that builds only this variant and trains a few steps, and
+    that peak minus the process's RSS after its imports (the variant's own footprint)."""
+    cmd = [sys.executable, __file__, "--memory-child", str(streams), "--backbone", args.backbone,
+           "--input-size", str(args.input_size), "--crop-size", str(args.crop_size), "--batch", str(args.batch),
+           "--threads", str(args.threads), "--device", "cpu"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_child(args) -> None:
+    imported = _proc_status_mb("VmRSS")
+    variant = make_trainer(args, torch.device("cpu"), args.memory_child)
+    timed_steps(variant, 3)
+    peak = _proc_status_mb("VmHWM")
+    print(json.dumps({"peak_rss_mb": peak, "peak_rss_over_imports_mb": peak - imported}))
+
+
+def measure(args, device: torch.device) -> dict:
+    variants = {"backbone": 0, **{f"nxst{n}": n for n in args.streams}}
+    trainers = {name: make_trainer(args, device, n) for name, n in variants.items()}
+    for trainer in trainers.values():
+        timed_steps(trainer, args.warmup)
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):  # interleaved so that load changes hit every variant alike
+        for name, trainer in trainers.items():
+            times[name].append(timed_steps(trainer, args.steps))
+    step = {name: statistics.median(t) for name, t in times.items()}
+    results = {}
+    for name, n in variants.items():
+        row = {"streams": n, "precision": trainers[name][0].precision, "step_s": step[name],
+               "images_per_s": args.batch / step[name], "step_s_all_rounds": times[name]}
+        if n:
+            row["ratio_to_n_plus_1_backbone_steps"] = step[name] / ((n + 1) * step["backbone"])
+            # Per round too: neighbours in time share the machine's load, so their spread is honest.
+            row["ratio_all_rounds"] = [t / ((n + 1) * b) for t, b in zip(times[name], times["backbone"])]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            timed_steps(trainers[name], 2)
+            row["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            row.update(cpu_peak_rss(args, n))
+        results[name] = row
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--backbone")
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--crop-size", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--streams", type=int, nargs="+", default=None, help="default: 2 on CPU, 2 4 on GPU")
+    parser.add_argument("--precision", default="bf16", help="bf16 | fp16 | fp32 (CPU runs fp32: see train.cpu_autocast)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable on a shared machine)")
+    parser.add_argument("--json", default=None, help="default: runs/bench_train_step_<device>.json")
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.streams = args.streams or ([2, 4] if args.device == "cuda" else [2])
+    torch.set_num_threads(args.threads)
+    if args.memory_child is not None:
+        return memory_child(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but CUDA is not available")
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    torch.manual_seed(0)
+    results = measure(args, device)
+    report = {
+        "benchmark": "train_step", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "settings": {k: getattr(args, k) for k in ("device", "backbone", "input_size", "crop_size", "batch",
+                                                    "streams", "precision", "steps", "rounds", "warmup")},
+        "results": results,
+    }
+    for name, row in results.items():
+        extra = f"  ratio {row['ratio_to_n_plus_1_backbone_steps']:.3f}" if row["streams"] else ""
+        memory = row.get("peak_memory_mb", row.get("peak_rss_over_imports_mb"))
+        print(f"{name:9s} step {row['step_s'] * 1000:8.1f} ms  {row['images_per_s']:8.1f} img/s  "
+              f"peak {memory:8.1f} MiB{extra}")
+    out = Path(args.json or REPO / "runs" / f"bench_train_step_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

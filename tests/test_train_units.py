@@ -1,0 +1,115 @@
+"""Fast unit tests of the trainer's parts: launcher environments, checkpoint files, run() callbacks."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from conftest import need_program
+from pipeline.config import load_config
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import main, run
+from pipeline.train.distributed import launch_info, planned_world_size
+from shard_fixtures import write_tiny_cub_shards
+from test_train_helpers import tiny_run, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_torchrun_environment_wins_over_slurm():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29400",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}  # torchrun inside an sbatch allocation
+    info = launch_info(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (3, 8, 1, "torchrun")
+    assert planned_world_size(env) == 8
+
+
+def test_srun_environment_gives_rank_world_and_an_agreed_port():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "MASTER_ADDR": "gpu07"}
+    info = launch_info(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (5, 8, 1, "slurm")
+    assert info.master_addr == "gpu07" and info.master_port == str(15000 + 123456 % 20000)
+    assert launch_info({**env, "MASTER_PORT": "29999"}).master_port == "29999"
+    assert planned_world_size(env) == 8
+    # One task (an sbatch script running python directly) is a single process.
+    assert launch_info({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "none"
+
+
+def test_srun_master_is_the_first_host_of_the_node_list(tmp_path, monkeypatch):
+    need_program("scontrol")
+    # Expanding a host list needs no daemon, only a slurm.conf to start from.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n"
+                    "PartitionName=p Nodes=localhost Default=YES\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu[07-08],cpu1"}
+    assert launch_info(env).master_addr == "gpu07"
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_checkpoint_dir_keeps_the_newest_k_and_aliases_last_and_best(tmp_path):
+    d = ckpt.CheckpointDir(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        d.save({"step": step, "model": {}, "config": {}}, step, is_best=step == 2)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_0000002.pt", "step_0000003.pt"]
+    assert ckpt.load(d.last)["step"] == 3 and ckpt.load(d.best)["step"] == 2
+    assert d.resume_path("auto") == d.last and d.resume_path(None) is None
+    assert ckpt.CheckpointDir(tmp_path / "empty", 2).resume_path("auto") is None  # fresh start
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+    import numpy as np
+    ckpt.atomic_save({"rng": ckpt.rng_state()}, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2] == got[2]
+
+
+def test_unloadable_checkpoint_and_missing_resume_path_are_one_line_errors(tmp_path, capsys):
+    import pickle
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(subprocess.Popen))  # weights_only refuses arbitrary objects
+    with pytest.raises(ckpt.CheckpointError, match="evil.pt: not a loadable checkpoint"):
+        ckpt.load(evil)
+    assert main(tiny_run(tmp_path, tmp_path / "run", f"train.resume={tmp_path / 'gone.pt'}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "gone.pt" in err[-1]
+
+
+@pytest.mark.slow
+def test_run_calls_on_eval_with_reduced_metrics_and_the_checkpoint_just_written(tmp_path):
+    shards = write_tiny_cub_shards(tmp_path / "cub")
+    cfg = load_config(None, tiny_run(shards, tmp_path / "run", "train.max_steps=3", "train.eval_every=1",
+                                     "train.checkpoint_every=3"))
+    calls = []
+
+    def on_eval(step, metrics, path):
+        state = torch.load(path, weights_only=True) if path is not None else None
+        calls.append((step, metrics["num_samples"], state["step"] if state else None))
+
+    summary = run(cfg, on_eval=on_eval)
+    assert [c[0] for c in calls] == [1, 2, 3] and all(c[1] == 6 for c in calls)
+    assert calls[0][2] == 1  # the first evaluation is a new best: checkpointed, path passed
+    assert calls[-1][2] == 3  # periodic + final
+    assert all(c[2] in (None, c[0]) for c in calls)
+    assert summary["step"] == 3 and summary["checkpoint"].endswith("last.pt")
+    assert summary["metrics"]["num_samples"] == 6
