@@ -11,6 +11,7 @@ collective call in the loop, so uneven shards cannot hang it. Every rank returns
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -143,12 +144,14 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
     net.eval()
     num_streams = int(getattr(net, "num_streams", 0) or 0) if hasattr(net, "attend") else 0
     task = getattr(net, "task", manifest.task)
+    manifest.check_model(task, cfg.model.num_classes)  # on every rank alike, before any collective call
     scorer = _Scorer(task, num_streams, manifest.parts)
     loader = build_eval_loader(cfg, manifest, split, rank, world_size,
                                batch_size or max(1, cfg.train.global_batch_size // world_size),
                                cfg.train.num_workers if num_workers is None else num_workers)
     limit = _rank_limit(max_samples, rank, world_size)
     channels_last = cfg.train.channels_last and device.type == "cuda"
+    start = time.perf_counter()
     try:
         for images, targets, metas in loader:
             if limit is not None:
@@ -171,4 +174,5 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
     if not cut and counted + skipped != expected:
         raise DataError(f"{manifest.root / 'manifest.json'}: evaluation of split '{split}' on {world_size} rank(s) "
                         f"scored {counted} samples and skipped {skipped}, but the manifest lists {expected}")
-    return {"split": split, "num_samples": counted, "num_skipped": skipped, **scorer.result()}
+    return {"split": split, "num_samples": counted, "num_skipped": skipped, **scorer.result(),
+            "seconds": time.perf_counter() - start}

@@ -147,6 +147,14 @@ def test_evaluate_checks_the_count_against_the_manifest(split37):
     assert evaluate(ColourClassifier(), tiny_config(), manifest, "test", "cpu", max_samples=10)["num_samples"] == 10
 
 
+def test_evaluate_rejects_a_model_that_does_not_fit_the_dataset(split37, tmp_path):
+    manifest = read_manifest(split37)
+    with pytest.raises(DataError, match=r"lists 3 classes but model.num_classes=2"):
+        evaluate(ColourClassifier(num_classes=2), tiny_config("model.num_classes=2"), manifest, "test", "cpu")
+    with pytest.raises(DataError, match=r"the model's task is 'sequence' but dataset 'cub' is a 'classification' task"):
+        evaluate(ConstantDigits(), tiny_config(), manifest, "test", "cpu")
+
+
 def test_evaluate_counts_skipped_corrupt_samples(tmp_path):
     manifest = read_manifest(write_tiny_cub_shards(tmp_path, num_classes=3, test_per_class=2, corrupt=["000014"]))
     metrics = evaluate(ColourClassifier(), tiny_config("data.on_corrupt=skip"), manifest, "test", "cpu")

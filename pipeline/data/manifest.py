@@ -45,6 +45,19 @@ class Manifest:
     def shard_paths(self, split: str) -> List[str]:
         return [shard["path"] for shard in self.split(split)["shards"]]
 
+    def check_model(self, task: str, num_classes: int) -> None:
+        """Raise DataError when a model with this task and class count cannot learn these labels.
+
+        Call it before training or evaluating: otherwise a label beyond the classifier shows up
+        as "target out of bounds" (a device-side assert on CUDA) somewhere in the first batches.
+        """
+        where = self.root / "manifest.json"
+        if task != self.task:
+            raise DataError(f"{where}: the model's task is '{task}' but dataset '{self.dataset}' is a "
+                            f"'{self.task}' task (check model.name against data.root)")
+        if task == "classification" and self.classes and num_classes < len(self.classes):
+            raise DataError(f"{where}: lists {len(self.classes)} classes but model.num_classes={num_classes}")
+
 
 def _require(obj: Dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in obj:
