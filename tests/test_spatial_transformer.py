@@ -200,6 +200,16 @@ def test_spatial_transformer_initial_windows_and_gradients(kind, bound):
     assert st.head.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
+def test_spatial_transformer_tps_uses_its_precomputed_basis():
+    x = _image(2, 3, 8, 8)
+    st = SpatialTransformer(_Flatten(), 3 * 8 * 8, "tps", (5, 6), num_transforms=2, num_control_points=9)
+    with torch.no_grad():
+        st.head.weight.normal_(std=0.01)
+    assert st.tps_basis.shape == (30, 9) and "tps_basis" not in st.state_dict()
+    crops, theta = st(x)
+    torch.testing.assert_close(crops, warp_many(x, theta, "tps", (5, 6)), atol=1e-6, rtol=0)
+
+
 def test_spatial_transformer_single_identity():
     x = _image(2, 3, 8, 8)
     st = SpatialTransformer(_Flatten(), 3 * 8 * 8, "affine", (8, 8), scale=1.0)

@@ -112,8 +112,12 @@ def base_grid(out_size: Size, *, align_corners: bool = False, dtype=torch.float3
 
 
 def sampling_grid(theta: torch.Tensor, kind: str, out_size: Size, *, scale: float = 0.5,
-                  align_corners: bool = False) -> torch.Tensor:
-    """(B, h, w, 2) input coordinates at which output pixel (i, j) samples, in theta's dtype."""
+                  align_corners: bool = False, tps_basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, h, w, 2) input coordinates at which output pixel (i, j) samples, in theta's dtype.
+
+    `tps_basis`: the (h*w, K) `tps_weights` of this output grid, precomputed (SpatialTransformer
+    keeps it as a buffer) so that a step neither solves the TPS system nor syncs with the host.
+    """
     _check_theta(theta, kind)
     h, w = _pair(out_size)
     batch = theta.shape[0]
@@ -127,7 +131,7 @@ def sampling_grid(theta: torch.Tensor, kind: str, out_size: Size, *, scale: floa
         mapped = torch.einsum("pj,bij->bpi", homog, theta)                     # (B, hw, 3)
         return (mapped[..., :2] / mapped[..., 2:]).reshape(batch, h, w, 2)
     # tps: the map is linear in theta; the (hw, K) weights depend on the control grid only.
-    weights = tps_weights(points, theta.shape[1])
+    weights = tps_weights(points, theta.shape[1]) if tps_basis is None else tps_basis.to(theta.dtype)
     return torch.einsum("pk,bkc->bpc", weights, theta).reshape(batch, h, w, 2)
 
 
@@ -148,7 +152,7 @@ def tps_weights(points: torch.Tensor, K: int = 16) -> torch.Tensor:
     # Right-hand side [I_K; 0]: the coefficients of each control point's source position.
     rhs = torch.zeros(K + 3, K, dtype=torch.float64, device=points.device)
     rhs[:K] = torch.eye(K, dtype=torch.float64, device=points.device)
-    coeffs = torch.linalg.solve(system, rhs)                                   # (K+3, K)
+    coeffs = torch.linalg.solve_ex(system, rhs)[0]  # (K+3, K); _ex: no error check, no host sync
     rows = torch.cat([_tps_kernel(p, ctrl), torch.ones_like(p[:, :1]), p], 1)  # (P, K+3)
     return (rows @ coeffs).to(dtype)
 
@@ -161,21 +165,24 @@ def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- sampling
 
 def warp(x: torch.Tensor, theta: torch.Tensor, kind: str, out_size: Size, *, scale: float = 0.5,
-         align_corners: bool = False, padding_mode: str = "zeros") -> torch.Tensor:
+         align_corners: bool = False, padding_mode: str = "zeros",
+         tps_basis: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sample x (B, C, H, W) bilinearly at the grid of `theta`; returns (B, C, *out_size) in x's dtype."""
     if x.dim() != 4 or theta.shape[0] != x.shape[0]:
         raise ValueError(f"warp: expected x (B, C, H, W) and theta with the same batch, got x "
                          f"{tuple(x.shape)} and theta {tuple(theta.shape)}")
     work = _work_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        grid = sampling_grid(theta.to(work), kind, out_size, scale=scale, align_corners=align_corners)
+        grid = sampling_grid(theta.to(work), kind, out_size, scale=scale, align_corners=align_corners,
+                             tps_basis=tps_basis)
         out = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode=padding_mode,
                             align_corners=align_corners)
     return out.to(x.dtype)
 
 
 def warp_many(x: torch.Tensor, theta: torch.Tensor, kind: str, out_size: Size, *, scale: float = 0.5,
-              align_corners: bool = False, padding_mode: str = "zeros") -> torch.Tensor:
+              align_corners: bool = False, padding_mode: str = "zeros",
+              tps_basis: Optional[torch.Tensor] = None) -> torch.Tensor:
     """N crops per image in one `grid_sample` call: theta (B, N, ...) -> (B, N, C, h, w).
 
     The N grids are stacked along the output height, so the input is read in place instead of
@@ -189,7 +196,8 @@ def warp_many(x: torch.Tensor, theta: torch.Tensor, kind: str, out_size: Size, *
     h, w = _pair(out_size)
     work = _work_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        grid = sampling_grid(theta.to(work).flatten(0, 1), kind, (h, w), scale=scale, align_corners=align_corners)
+        grid = sampling_grid(theta.to(work).flatten(0, 1), kind, (h, w), scale=scale, align_corners=align_corners,
+                             tps_basis=tps_basis)
         grid = grid.reshape(batch, n * h, w, 2)
         out = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode=padding_mode,
                             align_corners=align_corners)
@@ -275,6 +283,12 @@ class SpatialTransformer(nn.Module):
         self.num_transforms, self.num_control_points = num_transforms, num_control_points
         self.align_corners, self.padding_mode = align_corners, padding_mode
         self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
+        # The TPS map of this fixed output grid, solved once; not saved in checkpoints.
+        basis = None
+        if kind == "tps":
+            points = base_grid(self.out_size, align_corners=align_corners, dtype=torch.float64).reshape(-1, 2)
+            basis = tps_weights(points, num_control_points).float()
+        self.register_buffer("tps_basis", basis, persistent=False)
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
             self.head.bias.copy_(self._raw_from_windows(tiling_windows(num_transforms, scale)).reshape(-1))
@@ -295,8 +309,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, loc_input: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(crops (B, N, C, h, w), theta (B, N, ...)); the localisation net sees `loc_input` (default x)."""
         theta = self.predict(x if loc_input is None else loc_input)
-        crops = warp_many(x, theta, self.kind, self.out_size, scale=self.scale,
-                          align_corners=self.align_corners, padding_mode=self.padding_mode)
+        crops = warp_many(x, theta, self.kind, self.out_size, scale=self.scale, align_corners=self.align_corners,
+                          padding_mode=self.padding_mode, tps_basis=self.tps_basis)
         return crops, theta
 
     def boxes(self, theta: torch.Tensor) -> torch.Tensor:
