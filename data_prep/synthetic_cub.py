@@ -7,14 +7,17 @@ layout so that `python -m data_prep cub --root DIR --out SHARDS` runs on it unch
     DIR/images.txt  classes.txt  image_class_labels.txt  train_test_split.txt  bounding_boxes.txt
     DIR/parts/parts.txt  parts/part_locs.txt                    CUB's own 15 parts, same ids
     DIR/synthetic_cub.json                                      the options and the class table
+    DIR/synthetic_params.jsonl                                  per image: patterns, colours, pose
 
 Each image holds one small "bird" (tail, body, wing, head, beak, eye, legs; random position,
 size, heading, facing side and head tilt) on a cluttered background of random shapes, textures,
 a perch and distractor blobs drawn in the birds' own colours and patterns. The colours are random
 and carry no class information: the class is the pair (crown pattern, wing pattern), each one of
-plain / barred / spotted / chequered / streaked, drawn with a period of about 3 px. That detail
-is readable in a full-resolution crop around the bird and washes out when the whole image is
-downscaled 2x (period ~1.6 px, under the 2 px Nyquist limit) -- the gap attention can win.
+plain / barred / spotted / chequered / streaked, drawn with a period of about 3.3 px
+(`--pattern-period`). That detail is readable in a full-resolution crop around the bird and washes
+out when the whole image is downscaled 2x (period ~1.65 px, under the 2 px Nyquist limit) -- the
+gap attention can win. The bird itself (its outline, beak, eye) stays visible at low resolution,
+so a localisation network can find it there.
 
 Parts use CUB's 15 names and ids so evaluation code written for CUB works unchanged; the parts
 of the far side of the bird (its hidden eye, wing and leg) are invisible (`0.0 0.0 0`), as in CUB.
@@ -74,6 +77,10 @@ class SyntheticCubOptions:
     test_fraction: float = 0.5
     jpeg_quality: int = 90
     pattern_period: float = PATTERN_PERIOD_PX
+
+    @property
+    def test_images_per_class(self) -> int:
+        return int(self.images_per_class * self.test_fraction + 0.5)  # half up, not Python's half-to-even
 
     def validate(self) -> None:
         checks = [
@@ -522,10 +529,10 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _split_flags(options: SyntheticCubOptions) -> List[int]:
-    """1 = train, per image in id order; each class gets round(M * test_fraction) test images."""
+    """1 = train, per image in id order; each class gets the same number of test images."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([options.seed, 2 ** 31])))
     m = options.images_per_class
-    n_test = int(round(m * options.test_fraction))
+    n_test = options.test_images_per_class
     flags: List[int] = []
     for _ in range(options.classes):
         is_test = np.zeros(m, dtype=bool)
@@ -704,8 +711,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     options.validate()
     state = "up to date:" if is_generated(args.out, options) else "wrote"
     root = generate(args.out, overwrite=args.overwrite, **asdict(options))
-    total = args.classes * args.images_per_class
-    n_test = args.classes * int(round(args.images_per_class * args.test_fraction))
+    total = options.classes * options.images_per_class
+    n_test = options.classes * options.test_images_per_class
     print(f"synthetic-cub: {state} {root} ({total} images, {args.classes} classes, "
           f"{total - n_test} train / {n_test} test, {args.size}px) in {time.perf_counter() - start:.1f}s")
     if args.sheet:

@@ -267,3 +267,12 @@ def test_data_prep_cub_shards_the_generated_root(root: Path, tmp_path: Path, cap
             rows = locs[(int(image_id) - 1) * 15:int(image_id) * 15]
             assert meta["parts"] == [[float(r[2]), float(r[3]), int(r[4])] for r in rows]
             assert sample["jpg"] == (root / "images" / images[image_id]).read_bytes()  # the bytes, not re-encoded
+
+
+@pytest.mark.parametrize("per_class, fraction, n_test", [(3, 0.5, 2), (1, 0.5, 1), (5, 0.3, 2), (4, 0.0, 0)])
+def test_every_class_gets_the_same_test_share(per_class, fraction, n_test):
+    options = sc.SyntheticCubOptions(classes=3, images_per_class=per_class, test_fraction=fraction)
+    flags = sc._split_flags(options)
+    assert len(flags) == 3 * per_class
+    for k in range(3):
+        assert flags[k * per_class:(k + 1) * per_class].count(0) == n_test
