@@ -48,6 +48,11 @@ def _rank_limit(max_samples: Optional[int], rank: int, world_size: int) -> Optio
     return max_samples // world_size + (1 if rank < max_samples % world_size else 0)
 
 
+def _eval_batch(cfg: Config, world_size: int) -> int:
+    """The training micro batch: it fits in memory with gradients, so it fits without them."""
+    return cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world_size)
+
+
 def _part_points(metas: List[dict], num_parts: int):
     """(B, P, 2) part positions in [-1, 1] input coordinates and (B, P) visibility from eval metas.
 
@@ -147,7 +152,7 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
     manifest.check_model(task, cfg.model.num_classes)  # on every rank alike, before any collective call
     scorer = _Scorer(task, num_streams, manifest.parts)
     loader = build_eval_loader(cfg, manifest, split, rank, world_size,
-                               batch_size or max(1, cfg.train.global_batch_size // world_size),
+                               batch_size or _eval_batch(cfg, world_size),
                                cfg.train.num_workers if num_workers is None else num_workers)
     limit = _rank_limit(max_samples, rank, world_size)
     channels_last = cfg.train.channels_last and device.type == "cuda"
