@@ -1,6 +1,7 @@
 """Data: manifest checks, webdataset train/eval loaders, albumentations presets, decoding.
 
-    manifest = read_manifest(cfg.data.root)
+    manifest = read_manifest(cfg.data.root)                  # checks shards exist with the listed sizes
+    manifest.check_model(model.task, cfg.model.num_classes)  # labels fit the model
     train = build_train_loader(cfg, manifest, rank, world_size, micro_batch, seed)   # endless
     test = build_eval_loader(cfg, manifest, "test", rank, world_size, batch_size, num_workers)
     x = normalize(images.to(device, non_blocking=True), cfg.data.mean, cfg.data.std, channels_last)
