@@ -11,7 +11,8 @@ turn and `--repeats` times each (median reported):
                the least work any job that writes checksummed shards must do
   plan only    start Python, import data_prep, read and check the metadata: data_prep's fixed cost
   data_prep    `python -m data_prep cub --workers W` for each W (and `--check full` with one worker)
-and prints samples/s and the ratio read bound / each (goal: <= 2 for data_prep with one worker).
+and prints samples/s and each one's time over the read bound's (goal: <= 2 for data_prep with one
+worker), in wall-clock and in CPU seconds (user + system of the command and its children).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CUB = REPO.parent / "shared" / "data" / "cub" / "CUB_200_2011"
@@ -93,11 +96,15 @@ with open(out, "wb") as sink:
 """
 
 
-def timed(cmd, shell: bool = False) -> float:
+def timed(cmd, shell: bool = False) -> Tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and all its children: user + system)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, shell=shell, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv=None) -> int:
@@ -135,8 +142,10 @@ def main(argv=None) -> int:
             runs["plan_only"].append(timed([sys.executable, "-c", f"from data_prep import cub; cub.make_plan({str(root)!r})"]))
             for w, check in variants:
                 runs[f"data_prep_w{w}_{check}"].append(data_prep(w, check))
-        median = {name: statistics.median(times) for name, times in runs.items()}
+        median = {name: statistics.median(wall for wall, _ in times) for name, times in runs.items()}
+        cpu = {name: statistics.median(c for _, c in times) for name, times in runs.items()}
         rate = {name: args.images / t for name, t in median.items()}
+        prep = [k for k in runs if k.startswith("data_prep")]
         result = {
             "command": "benchmarks/bench_data_prep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -144,20 +153,23 @@ def main(argv=None) -> int:
                         "load_avg_1m": os.getloadavg()[0]},
             "images": args.images, "megabytes": round(nbytes / 1e6, 1), "repeats": args.repeats,
             "seconds_median": {k: round(v, 3) for k, v in median.items()},
+            "cpu_seconds_median": {k: round(v, 3) for k, v in cpu.items()},
             "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
-            "ratio_read_bound_over_data_prep": {k: round(rate["read_bound"] / v, 2) for k, v in rate.items()
-                                                 if k.startswith("data_prep")},
-            "ratio_tar_bound_over_data_prep": {k: round(rate["tar_bound"] / v, 2) for k, v in rate.items()
-                                                if k.startswith("data_prep")},
-            "ratio_copy_floor_over_data_prep": {k: round(rate["copy_floor"] / v, 2) for k, v in rate.items()
-                                                 if k.startswith("data_prep")},
+            # how many times slower than each baseline (wall clock; and in CPU time, which a busy
+            # shared machine distorts less)
+            "slowdown_vs_read_bound": {k: round(median[k] / median["read_bound"], 2) for k in prep},
+            "slowdown_vs_tar_bound": {k: round(median[k] / median["tar_bound"], 2) for k in prep},
+            "slowdown_vs_copy_floor": {k: round(median[k] / median["copy_floor"], 2) for k in prep},
+            "cpu_slowdown_vs_read_bound": {k: round(cpu[k] / cpu["read_bound"], 2) for k in prep},
+            "cpu_slowdown_vs_tar_bound": {k: round(cpu[k] / cpu["tar_bound"], 2) for k in prep},
         }
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{'variant':<24}{'seconds':>10}{'samples/s':>12}{'read bound / this':>20}")
+    print(f"{'variant':<22}{'wall s':>9}{'samples/s':>11}{'x read bound':>14}{'CPU s':>9}{'x read CPU':>12}")
     for name in median:
-        print(f"{name:<24}{median[name]:>10.3f}{rate[name]:>12.1f}{rate['read_bound'] / rate[name]:>20.2f}")
+        print(f"{name:<22}{median[name]:>9.3f}{rate[name]:>11.1f}{median[name] / median['read_bound']:>14.2f}"
+              f"{cpu[name]:>9.3f}{cpu[name] / cpu['read_bound']:>12.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
