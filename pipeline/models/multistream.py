@@ -29,7 +29,8 @@ class NxSTCNN(nn.Module):
                  input_size: int = 448, crop_size: int = 224, transform: str = "translation",
                  transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
-                 num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop"):
+                 num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
+                 padding_mode: str = "zeros"):
         super().__init__()
         if stream_mode not in ("loop", "vmap"):
             raise ValueError(f"stream_mode={stream_mode!r} is not one of loop, vmap")
@@ -52,7 +53,7 @@ class NxSTCNN(nn.Module):
                                          pretrained=loc_pretrained)
         self.transformer = SpatialTransformer(localisation, localisation.out_features, transform, crop_size,
                                               num_transforms=num_streams, scale=transform_scale, bound=bound,
-                                              num_control_points=num_control_points)
+                                              num_control_points=num_control_points, padding_mode=padding_mode)
         self.streams = nn.ModuleList(create_timm(backbone, pretrained, num_classes=0) for _ in range(num_streams))
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(sum(s.num_features for s in self.streams), num_classes)
@@ -154,7 +155,9 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
     `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
     localisation map fed to its fc layer), `stream_mode` ("loop": one stream after another;
-    "vmap": all streams in one batched call, same results, for launch-bound GPU steps).
+    "vmap": all streams in one batched call, same results, for launch-bound GPU steps),
+    `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
+    input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
     """
     if num_streams == 0:
         return BackboneClassifier(backbone, num_classes=num_classes, dropout=dropout, pretrained=pretrained,
