@@ -92,7 +92,8 @@ def test_dry_run_prints_the_sbatch_command_from_options_and_env_file(tmp_path, s
                    "--partition=gpu-long", "--account=override-acct", f"--chdir={REPO}",
                    "--output=/scratch/logs/%x-%j.out", "--export=ALL,NPROC_PER_NODE=4"]:
         assert option in cmd, option
-    assert cmd[-3:] == ["jobs/slurm/train.sbatch", str(config), "optim.lr=0.02"]
+    # run from elsewhere than the repository: the printed command works from there too
+    assert cmd[-3:] == [str(REPO / "jobs/slurm/train.sbatch"), str(config), "optim.lr=0.02"]
     assert calls(fake_sbatch) == []  # a dry run submits nothing
 
     # the environment wins over the env file; $VAR in the file expands
@@ -105,7 +106,8 @@ def test_dry_run_prints_the_sbatch_command_from_options_and_env_file(tmp_path, s
 
 def test_submit_cpu_job_passes_worker_count_and_returns_the_job_id(tmp_path, shards, fake_sbatch):
     config = write_config(tmp_path, data={"root": str(shards)}, train={"global_batch_size": 8})
-    res = run_submit(["train", config, "train.max_steps=3", "--gpus-per-node", "0", "--cpu-workers", "2",
+    # the config named relative to the caller's folder (tmp_path), as a user in their own folder would
+    res = run_submit(["train", config.name, "train.max_steps=3", "--gpus-per-node", "0", "--cpu-workers", "2",
                       "--log-dir", tmp_path / "logs"], tmp_path, fake_sbatch)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["4242"]
@@ -146,10 +148,10 @@ def test_prep_submits_array_then_dependent_finalising_job(tmp_path, shared_data,
     assert res.stdout.split() == ["4242", "4243"]
     shard_call, final_call = calls(fake_sbatch)
     assert "--array=0-2" in shard_call
-    assert shard_call[-8:] == ["jobs/slurm/prep.sbatch", "cub", "--root", str(raw), "--out", str(tmp_path / "out"),
+    assert shard_call[-8:] == [str(REPO / "jobs/slurm/prep.sbatch"), "cub", "--root", str(raw), "--out", str(tmp_path / "out"),
                                "--classes", "1"]
     assert "--dependency=afterok:4242" in final_call
-    assert final_call[final_call.index("jobs/slurm/prep.sbatch") + 1] == "--finalize"
+    assert final_call[final_call.index(str(REPO / "jobs/slurm/prep.sbatch")) + 1] == "--finalize"
 
     dry = run_submit(["prep", "cub", "--root", raw, "--out", tmp_path / "out", "--array", "3", "--dry-run"],
                      tmp_path, fake_sbatch)

@@ -135,6 +135,19 @@ def test_train_job_runs_two_rank_gloo_ddp_to_completion(cluster, tiny_shards, tm
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_0000002.pt", "step_0000004.pt"]
 
 
+def test_train_job_reports_a_missing_data_root_before_starting_ranks(cluster, tmp_path):
+    """Plain `sbatch` (no jobs/submit): the job's own pre-flight check fails in seconds, one line."""
+    missing = tmp_path / "no-shards"
+    config = tiny_config(tmp_path, missing, tmp_path / "run")
+    job = cluster.sbatch([f"--output={tmp_path}/%x-%j.out", "--export=ALL,NPROC_PER_NODE=2",
+                          "jobs/slurm/train.sbatch", str(config)], env=job_env(cluster), cwd=REPO)
+    assert cluster.wait(job, timeout=60) == "FAILED"
+    assert cluster.job(job)["ExitCode"] == "2:0"
+    log = (tmp_path / f"stn-train-{job}.out").read_text()
+    assert log.strip().splitlines() == [f"error: data.root={missing}: folder not found"]
+    assert not (tmp_path / "run").exists()  # no rank ever started
+
+
 def wait_for_step(run_dir: Path, step: int, job: str, cluster: SlurmCluster, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
