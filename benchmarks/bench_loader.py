@@ -2,8 +2,9 @@
 
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/bench_loader.py --out runs/bench/loader.json
 
-Both sides get the same generated CUB-like JPEGs (about 500 x 375, quality 90) and produce
-batches of random 448 crops of the image resized to 512 on its shorter side, flipped at random:
+Both sides get the same JPEGs (generated CUB-like ones, about 500 x 375, quality 90; or real ones
+with --jpeg-dir) and make batches of random 448 crops of the image resized to 512 on its shorter
+side, flipped at random:
   baseline  a folder of JPEGs; PIL open + torchvision Resize(512), RandomCrop(448),
             RandomHorizontalFlip, ToTensor, Normalize; batches stacked as default_collate does.
   pipeline  pipeline.data.build_train_loader on webdataset shards of the same images (tar
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -60,18 +61,25 @@ def cub_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: in
     return buf.getvalue()
 
 
-def make_dataset(work: Path, num_images: int, seed: int, large: bool = False) -> Dict[str, Path]:
-    """The same JPEGs twice: a folder (baseline) and webdataset shards + manifest (pipeline)."""
+def make_dataset(work: Path, num_images: int, seed: int, large: bool = False,
+                 jpeg_dir: Optional[Path] = None) -> Dict[str, Path]:
+    """The same JPEGs twice: a folder (baseline) and webdataset shards + manifest (pipeline).
+
+    With jpeg_dir, its JPEGs (e.g. real CUB images) are used, repeated to num_images.
+    """
     rng = np.random.default_rng(seed)
     folder, shards = work / "jpegs", work / "shards"
     folder.mkdir(parents=True, exist_ok=True)
     shards.mkdir(parents=True, exist_ok=True)
+    real = sorted(Path(jpeg_dir).glob("*.jpg")) if jpeg_dir else []
+    if jpeg_dir and not real:
+        raise SystemExit(f"error: --jpeg-dir {jpeg_dir} holds no *.jpg files")
     samples = []
     for i in range(num_images):
         w, h = (500, int(rng.integers(333, 376))) if rng.random() < 0.8 else (int(rng.integers(333, 376)), 500)
         if large:
             w, h = 2 * w, 2 * h
-        data = cub_like_jpeg(rng, w, h)
+        data = real[i % len(real)].read_bytes() if real else cub_like_jpeg(rng, w, h)
         (folder / f"{i:06d}.jpg").write_bytes(data)
         samples.append({"__key__": f"{i:06d}", "jpg": data, "cls": i % 200, "json": {"id": i, "size": [w, h]}})
     per_shard = 64
@@ -170,6 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--input-size", type=int, default=448)
     parser.add_argument("--resize", type=int, default=512)
+    parser.add_argument("--jpeg-dir", default=None,
+                        help="use these JPEGs (e.g. a CUB class folder), repeated, instead of generated ones")
     parser.add_argument("--work-dir", default=None, help="where to write the generated data (default: a temp dir)")
     parser.add_argument("--out", default="runs/bench/loader.json")
     args = parser.parse_args(argv)
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        data = make_dataset(Path(tmp) / "cub", args.images, seed=0)
+        data = make_dataset(Path(tmp) / "cub", args.images, seed=0, jpeg_dir=args.jpeg_dir)
         large = make_dataset(Path(tmp) / "large", 32, seed=1, large=True)
         base = baseline_batches(data["folder"], args.batch, args.input_size, args.resize)
         ours = pipeline_batches(data["shards"], args.batch, args.input_size, args.resize)
