@@ -136,6 +136,14 @@ def test_pretrained_weights_from_a_file(tmp_path):
         torch.testing.assert_close(module.state_dict()[first], reference.state_dict()[first])
 
 
+def test_pretrained_file_of_another_architecture_names_it(tmp_path):
+    path = tmp_path / "test_resnet.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), path)
+    with pytest.raises(ValueError, match=r"test_resnet.pth.*'test_efficientnet'") as err:
+        create_model("cub_baseline", backbone="test_efficientnet", input_size=32, pretrained=str(path))
+    assert "\n" not in str(err.value)
+
+
 def test_missing_pretrained_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         create_model("cub_baseline", backbone="test_resnet", pretrained=str(tmp_path / "nope.pth"))

@@ -28,7 +28,11 @@ def create_timm(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"model.pretrained={str(pretrained)!r}: no such weights file for '{name}'")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except (RuntimeError, KeyError, ValueError) as err:  # missing / mis-shaped keys: one line, naming the file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"model.pretrained={str(pretrained)!r} does not hold weights for '{name}': {first}") from None
     raise ValueError(f"model.pretrained={pretrained!r} must be null, true or a weights file path")
 
 
