@@ -31,8 +31,9 @@ def create_timm(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
         except (RuntimeError, KeyError, ValueError) as err:  # missing / mis-shaped keys: one line, naming the file
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"model.pretrained={str(pretrained)!r} does not hold weights for '{name}': {first}") from None
+            detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            raise ValueError(f"model.pretrained={str(pretrained)!r} does not hold weights for '{name}': {detail}") from None
     raise ValueError(f"model.pretrained={pretrained!r} must be null, true or a weights file path")
 
 
