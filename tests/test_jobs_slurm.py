@@ -217,3 +217,23 @@ def test_sweep_job_runs_ray_head_and_tiny_sweep_then_stops_ray(cluster, tiny_sha
     # the dashboard was bound to 127.0.0.1 and is gone with the job's Ray
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", dashboard), timeout=2).close()
+
+
+@pytest.mark.multiprocess
+def test_cancelled_train_job_is_not_requeued(cluster, tiny_shards, tmp_path):
+    """The stop trap must tell a user's `scancel` from a time-limit warning: no requeue on cancel."""
+    logs = tmp_path / "logs"
+    config = tiny_config(tmp_path, tiny_shards, tmp_path / "run", max_steps=1000)
+    (job,) = submit(cluster, ["train", config, "--gpus-per-node", "0", "--cpu-workers", "2", "--log-dir", logs],
+                    job_env(cluster))
+    log = logs / f"stn-train-{job}.out"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "launcher torchrun" in log.read_text()):  # the ranks are starting
+        assert time.monotonic() < deadline, _logs(logs)
+        time.sleep(0.2)
+    cluster.run(["scancel", job])
+    assert cluster.wait(job, timeout=120) == "CANCELLED"
+    time.sleep(3)  # a wrongful requeue would show up now
+    info = cluster.job(job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    assert "not requeueing" in log.read_text() or "got SIGTERM" not in log.read_text()
