@@ -121,6 +121,9 @@ def make_plan(root: str | Path, split: Any = "train", size: int = 64, val_from_t
     if val_from_train and "train" not in sources:
         raise DataPrepError("--val-from-train needs 'train' among --split")
     formats = {s: find_format(root, s, fmt) for s in sources}
+    if len({f for f, _ in formats.values()}) > 1:  # 32x32 single digits and sequence crops differ in kind
+        found = ", ".join(f"{s}: format {f}" for s, (f, _) in formats.items())
+        raise DataPrepError(f"--split mixes SVHN formats ({found}); pass --format 1 or 2, or use separate --out folders")
     entries = {s: _list_entries(root, s, *formats[s], limit) for s in sources}
     val_keys = set()
     if val_from_train:
@@ -154,7 +157,7 @@ def make_plan(root: str | Path, split: Any = "train", size: int = 64, val_from_t
     context = {"root": str(root), "size": size}
     specs = [spec for name, items in out_splits
              for spec in chunk_specs(name, [(context, e) for e in items], shard_size)]
-    all_format2 = all(formats[s][0] == 2 for s in sources)
+    all_format2 = formats[sources[0]][0] == 2
     extra = {"task": "classification" if all_format2 else "sequence",
              "classes": [str(d) for d in range(10)], "max_length": 1 if all_format2 else MAX_DIGITS,
              "image_size": 32 if all_format2 else size}

@@ -185,8 +185,11 @@ def test_train_extra_merged_with_seeded_validation_split(svhn_root, tmp_path, ca
     (["--split", "test"], "test/digitStruct.mat (format 1) or"),
     (["--split", "train", "--val-from-train", "50"], "--val-from-train 50: train has 8 entries"),
     (["--split", "extra", "--val-from-train", "2"], "needs 'train'"),
+    (["--split", "train,test"], "mixes SVHN formats (train: format 1, test: format 2)"),
 ])
 def test_bad_svhn_input_is_one_line_error(svhn_root, tmp_path, capsys, argv, message):
+    if "train,test" in argv:
+        scipy.io.savemat(svhn_root / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1))})
     out = tmp_path / "out"
     assert data_prep_main(["svhn", "--root", str(svhn_root), "--out", str(out)] + argv) == 2
     err = capsys.readouterr().err.strip()
