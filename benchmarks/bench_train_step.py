@@ -11,7 +11,9 @@ loading is not timed. Measured in rounds that alternate the variants (machine lo
   backbone   the bare backbone classifier (cub_baseline) on --crop-size images, same batch size
 and the figure of merit is  ratio = step(nxst N) / ((N + 1) x step(backbone)):  the N streams plus
 the localisation trunk are N+1 backbone passes at the crop size, so 1.0 means the transformers
-cost nothing beyond them (plain PyTorch reference on GPU: 1.06 for N=2, 1.10 for N=4).
+cost nothing beyond them (plain PyTorch reference on GPU: 1.06 for N=2, 1.10 for N=4). Step times
+are wall time on GPU; on CPU they are the process's CPU time with one thread (neighbours on a
+shared machine inflate wall time, not that), and wall times are reported beside them.
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak RSS (VmHWM) of a fresh process
 that builds only that variant and trains 3 steps, and that peak minus its RSS after the imports.
 """
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import torch
 
@@ -59,19 +62,22 @@ def make_trainer(args, device: torch.device, streams: int):
     return trainer, (images, targets)
 
 
-def timed_steps(variant, steps: int) -> float:
-    """Seconds per training step over `steps` steps (the device synchronised at both ends)."""
+def timed_steps(variant, steps: int) -> Tuple[float, float]:
+    """(wall, CPU) seconds per training step over `steps` steps (CUDA synchronised at both ends).
+
+    On CPU the ratio uses the process's CPU time: on a shared machine wall time mostly measures
+    the neighbours, while the CPU time of a one-thread process is its own work."""
     trainer, batch = variant
     device = trainer.env.device
     forever = iter(lambda: batch, None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         trainer.train_step(forever)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
 def _proc_status_mb(field: str) -> float:
@@ -104,19 +110,26 @@ def measure(args, device: torch.device) -> dict:
     trainers = {name: make_trainer(args, device, n) for name, n in variants.items()}
     for trainer in trainers.values():
         timed_steps(trainer, args.warmup)
-    times = {name: [] for name in variants}
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleaved so that load changes hit every variant alike
         for name, trainer in trainers.items():
-            times[name].append(timed_steps(trainer, args.steps))
-    step = {name: statistics.median(t) for name, t in times.items()}
+            w, c = timed_steps(trainer, args.steps)
+            wall[name].append(w)
+            cpu[name].append(c)
+    # The figure of merit: GPU wall time; on CPU the CPU time (see timed_steps).
+    basis = wall if device.type == "cuda" else cpu
+    step = {name: statistics.median(t) for name, t in basis.items()}
     results = {}
     for name, n in variants.items():
-        row = {"streams": n, "precision": trainers[name][0].precision, "step_s": step[name],
-               "images_per_s": args.batch / step[name], "step_s_all_rounds": times[name]}
+        row = {"streams": n, "precision": trainers[name][0].precision, "timed": "wall" if basis is wall else "cpu",
+               "step_s": step[name], "images_per_s": args.batch / step[name],
+               "wall_step_s": statistics.median(wall[name]), "wall_step_s_all_rounds": wall[name],
+               "cpu_step_s_all_rounds": cpu[name]}
         if n:
             row["ratio_to_n_plus_1_backbone_steps"] = step[name] / ((n + 1) * step["backbone"])
-            # Per round too: neighbours in time share the machine's load, so their spread is honest.
-            row["ratio_all_rounds"] = [t / ((n + 1) * b) for t, b in zip(times[name], times["backbone"])]
+            # Per round too: neighbours in time share the machine's state, so their spread is honest.
+            row["ratio_all_rounds"] = [t / ((n + 1) * b) for t, b in zip(basis[name], basis["backbone"])]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             timed_steps(trainers[name], 2)
@@ -169,7 +182,7 @@ def main() -> None:
     for name, row in results.items():
         extra = f"  ratio {row['ratio_to_n_plus_1_backbone_steps']:.3f}" if row["streams"] else ""
         memory = row.get("peak_memory_mb", row.get("peak_rss_over_imports_mb"))
-        print(f"{name:9s} step {row['step_s'] * 1000:8.1f} ms  {row['images_per_s']:8.1f} img/s  "
+        print(f"{name:9s} step {row['step_s'] * 1000:8.1f} ms ({row['timed']})  {row['images_per_s']:8.1f} img/s  "
               f"peak {memory:8.1f} MiB{extra}")
     out = Path(args.json or REPO / "runs" / f"bench_train_step_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,10 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.device=cpu")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
-    from pipeline.train import _input_errors
+    from pipeline.train import INPUT_ERRORS
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, overrides, args.max_samples)
-    except _input_errors() as err:
+    except INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result.pop("rank") == 0:

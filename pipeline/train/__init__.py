@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from pipeline.config import Config, ConfigError, load_config, validate
+from pipeline.data import DataError
+from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.distributed import planned_world_size, setup, teardown
 from pipeline.train.signals import REQUEUE_EXIT_CODE, Preempted
 from pipeline.train.trainer import NonFiniteLoss, Trainer
 
-__all__ = ["run", "main", "REQUEUE_EXIT_CODE", "Preempted", "NonFiniteLoss", "Trainer"]
+__all__ = ["run", "main", "REQUEUE_EXIT_CODE", "INPUT_ERRORS", "Preempted", "NonFiniteLoss", "Trainer"]
 
 
 def run(cfg: Config, on_eval: Optional[Callable[[int, Dict[str, Any], Optional[Path]], None]] = None) -> Dict[str, Any]:
@@ -51,14 +53,8 @@ def _default_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _input_errors() -> tuple:
-    errors: tuple = (ConfigError, ValueError, FileNotFoundError)
-    try:
-        from pipeline.data import DataError
-        errors += (DataError,)
-    except ImportError:
-        pass
-    return errors
+# Bad input of any kind (config, data, checkpoint: all ValueErrors) -> `error: ...`, exit 2.
+INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -75,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except _input_errors() as err:
+    except INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logging.getLogger("pipeline.train").info("done: step %d, best %s, checkpoint %s",

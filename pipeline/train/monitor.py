@@ -66,7 +66,8 @@ class Monitor:
         run_dir.mkdir(parents=True, exist_ok=True)
         if start_step:
             drop_lines_after(run_dir / "metrics.jsonl", start_step)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        # A fresh start begins a new file; a resumed run continues the old one.
+        self.jsonl = open(run_dir / "metrics.jsonl", "a" if start_step else "w", buffering=1)
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only on rank 0
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
         # A bar only on a terminal; batch jobs get plain log lines every train.log_every steps.

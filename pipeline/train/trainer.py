@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -133,21 +134,25 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_model(cfg.model)
         self.task = getattr(model, "task", "classification")
-        self.optimizer = build_optimizer(model, cfg.optim, env.device)
-        self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.train.max_steps)
-        self.memory_format = torch.channels_last if self.cfg.train.channels_last and env.device.type == "cuda" \
+        if cfg.train.sync_bn and env.distributed:
+            if env.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif env.is_main:
+                log.warning("train.sync_bn=true ignored: SyncBatchNorm needs CUDA; each rank keeps its own statistics")
+        self.memory_format = torch.channels_last if cfg.train.channels_last and env.device.type == "cuda" \
             else torch.contiguous_format
+        # On the device before the optimiser is built: fused kernels check where the parameters live.
         self.model = model.to(env.device, memory_format=self.memory_format)
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.train.max_steps)
         self.precision = resolve_precision(cfg.train.precision, env.device, cfg.train.cpu_autocast)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
         self.train_model = self.wrap_model(self.model)
         self.seed_rngs(cfg.train.seed)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
+        """DDP (when distributed), then torch.compile (when asked); `self.model` stays the bare module."""
         t = self.cfg.train
-        if t.sync_bn and self.env.distributed and self.env.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            self.model = model
         if self.env.distributed:
             model = DDP(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
                         bucket_cap_mb=t.ddp_bucket_cap_mb, gradient_as_bucket_view=True)
@@ -160,13 +165,15 @@ class Trainer:
         s = seed * 1000 + self.env.rank
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
-        import random
         random.seed(s)
 
     def restore_or_start(self) -> None:
         path = self.resume_from
         if path is None:
             if self.env.is_main:
+                if self.checkpoints.last.exists():
+                    log.warning("%s holds a previous run's checkpoints; starting afresh over them "
+                                "(train.resume=auto would continue it)", self.run_dir)
                 save_config(self.cfg, self.run_dir / "config.yaml")
             return
         state = ckpt.load(path)
@@ -183,7 +190,7 @@ class Trainer:
             self.seed_rngs(stream_seed(self.cfg.train.seed, self.step))
         if self.env.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
-        log.info("resumed from %s at step %d", path, self.step) if self.env.is_main else None
+            log.info("resumed from %s at step %d", path, self.step)
 
     def log_setup(self) -> None:
         t, env = self.cfg.train, self.env
