@@ -53,3 +53,15 @@ def subprocess_env(**extra: str) -> dict:
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     env.update(extra)
     return env
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    # Tiny tensors on a 2-core machine: extra intra-op threads only fight the test's own child
+    # processes (torchrun ranks, loader workers, Ray) for the cores.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
