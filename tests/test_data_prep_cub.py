@@ -172,6 +172,7 @@ def test_default_shard_size_gives_64_train_shards_on_full_cub(shared_data, tmp_p
     assert len([s for s in subset.specs if s.split == "train"]) >= 64
 
 
+@pytest.mark.multiprocess  # --workers 2: a process pool
 def test_cli_writes_and_verify_passes(cub_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert data_prep_main(["cub", "--root", str(cub_root), "--out", str(out), "--limit", "5",

@@ -79,6 +79,7 @@ def test_missing_image_is_error_or_skipped(cub_root, tmp_path, capsys):
     assert manifest["splits"]["train"]["num_samples"] + manifest["splits"]["test"]["num_samples"] == 59
 
 
+@pytest.mark.multiprocess  # --workers 2: a process pool
 def test_corrupt_and_truncated_images_skipped_or_strict_error(cub_root, tmp_path, capsys):
     root = light_copy(cub_root, tmp_path, copy_images=True)
     truncated, garbage = image_path(root, 4), image_path(root, 9)
@@ -155,6 +156,7 @@ def test_output_holding_other_data_refused_unless_overwrite(cub_root, tmp_path, 
 
 # ---- pieces, jobs, resume -----------------------------------------------------------------------
 
+@pytest.mark.multiprocess  # --workers 2: a process pool
 def test_jobs_and_workers_give_the_same_bytes(cub_root, tmp_path, monkeypatch):
     single = cub.prepare(cub_root, tmp_path / "single", shard_size=6)
     out = tmp_path / "jobs"

@@ -159,6 +159,7 @@ def test_format2_single_digits_round_trip(tmp_path):
         svhn.prepare(root, tmp_path / "bad", split="train", fmt="2")
 
 
+@pytest.mark.multiprocess  # --workers 2: a process pool
 def test_train_extra_merged_with_seeded_validation_split(svhn_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert data_prep_main(["svhn", "--root", str(svhn_root), "--out", str(out), "--split", "train+extra",
