@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,19 +165,38 @@ def run_plan(out: str | Path, plan: Plan, build: Callable[[ShardSpec, bool], Sha
 
 
 def _write_all(out: Path, todo: List[ShardSpec], build, opts: JobOptions) -> None:
+    progress = _Progress(len(todo))
     if opts.workers <= 1 or len(todo) <= 1:
         for spec in todo:
             _write_one(out, spec, build, opts.strict)
+            progress.done(spec.name)
         return
     pool = ProcessPoolExecutor(max_workers=opts.workers)
     futures = [pool.submit(_write_one, out, spec, build, opts.strict) for spec in todo]
     try:
         for future in as_completed(futures):
-            future.result()  # re-raises the first error (e.g. --strict on a corrupt image)
+            progress.done(future.result())  # re-raises the first error (e.g. --strict on a corrupt image)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # shards already started finish; no new ones
         raise
     pool.shutdown(wait=True)
+
+
+class _Progress:
+    """A line on stderr at most every `every` seconds, so long jobs show they are moving."""
+
+    def __init__(self, total: int, every: float = 30.0):
+        self.total, self.every, self.count = total, every, 0
+        self.start = self.last = time.monotonic()
+
+    def done(self, name: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.count / (now - self.start)
+            print(f"  {self.count}/{self.total} shards ({name}), {rate * 60:.1f} shards/min, "
+                  f"~{(self.total - self.count) / rate / 60:.1f} min left", file=sys.stderr)
 
 
 def _write_one(out: Path, spec: ShardSpec, build, strict: bool) -> str:
