@@ -265,6 +265,19 @@ def test_jpeg_check_finds_truncation_but_keeps_trailing_data(cub_root):
         cub.inspect_jpeg(b"GIF89a" + data)
 
 
+def test_part_rows_in_any_order_read_alike_and_duplicates_refused(cub_root, tmp_path):
+    root = light_copy(cub_root, tmp_path)
+    locs = root / "parts" / "part_locs.txt"
+    lines = locs.read_text().splitlines()
+    locs.write_text("\n".join(reversed(lines)) + "\n")
+    shuffled = cub.read_metadata(root)
+    assert shuffled.part_locs == cub.read_metadata(cub_root).part_locs
+    assert shuffled.part_locs[2][1] == [float(v) for v in lines[16].split()[2:4]] + [int(lines[16].split()[4])]
+    locs.write_text("\n".join(lines + [lines[3]]) + "\n")
+    with pytest.raises(DataPrepError, match="image 1 has two rows for part 4"):
+        cub.read_metadata(root)
+
+
 @pytest.mark.parametrize("name, line, bad", [
     ("bounding_boxes.txt", 3, "3 14.0 112.0 wide 186.0"),
     ("parts/part_locs.txt", 5, "1 5 10.0 20.0"),
