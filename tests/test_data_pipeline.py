@@ -140,6 +140,18 @@ def test_train_loader_is_endless_with_equal_batches(cub_root):
         assert targets.shape == (5,) and targets.dtype == torch.int64 and targets.max() < 3
 
 
+def test_closing_a_stream_stops_its_workers(cub_root):
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    stream = iter(build_train_loader(tiny_config("train.num_workers=2"), read_manifest(cub_root), 0, 1, 4, seed=0))
+    next(stream)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    stream.close()
+    assert not any(w.is_alive() for w in workers)
+
+
 def test_train_ranks_differ_and_seeds_repeat(cub_root):
     cfg, manifest = tiny_config(), read_manifest(cub_root)
 

@@ -168,6 +168,15 @@ def _data_loader(dataset, num_workers: int, pin_memory: bool) -> DataLoader:
                       prefetch_factor=4 if num_workers else None)
 
 
+def _stop_workers(batches) -> None:
+    """Shut a DataLoader iterator's workers down now. Left to the garbage collector, an abandoned
+    stream's workers (e.g. after an error, or a stream replaced by a new one) can block the
+    collecting thread for 5 s per worker on join timeouts."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent with num_workers=0
+    if shutdown is not None:
+        shutdown()
+
+
 class TrainLoader:
     """Endless (images uint8 (B,3,H,W), targets int64) batches of one rank.
 
@@ -193,13 +202,16 @@ class TrainLoader:
         return TrainStream(self, self._batches())
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(_data_loader(self.pipeline, self.num_workers, self.pin_memory))
         try:
-            for images, targets, _, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
+            for images, targets, _, skipped in batches:
                 self.num_skipped += skipped
                 if images is not None:
                     yield images, targets
         except DataError as err:
             raise _one_line(err) from None
+        finally:
+            _stop_workers(batches)
 
 
 class TrainStream:
@@ -217,6 +229,10 @@ class TrainStream:
 
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return next(self._batches)
+
+    def close(self) -> None:
+        """Stop the worker processes now (call it when replacing a stream by a new one)."""
+        self._batches.close()
 
 
 class _SeededShuffle:
@@ -271,13 +287,16 @@ class EvalLoader:
         self.num_skipped = 0
         if self.pipeline is None:
             return
+        batches = iter(_data_loader(self.pipeline, self.num_workers, self.pin_memory))
         try:
-            for images, targets, metas, skipped in _data_loader(self.pipeline, self.num_workers, self.pin_memory):
+            for images, targets, metas, skipped in batches:
                 self.num_skipped += skipped
                 if images is not None:
                     yield images, targets, metas
         except DataError as err:
             raise _one_line(err) from None
+        finally:
+            _stop_workers(batches)
 
 
 def build_eval_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
