@@ -4,13 +4,15 @@
     # {"split": "test", "num_samples": 5794, "num_skipped": 0, "top1": 0.84, "loss": 0.61,
     #  "windows": {...}, "part_hit_rate": [{"beak": 0.9, ...}, ...]}
 
-Each rank scores its shards (see build_eval_loader), adds up sums, and the sums of all ranks are
-all-reduced once at the end: ranks may score different numbers of samples without any
-collective call in the loop, so uneven shards cannot hang it. Every rank returns the same dict.
+The model runs in eval mode under the trainer's precision (bf16/fp16 autocast on CUDA; fp32 on
+CPU unless train.cpu_autocast). Each rank scores its shards (see build_eval_loader), adds up sums,
+and the sums of all ranks are all-reduced once at the end: ranks may score different numbers of
+samples without any collective call in the loop, so uneven shards cannot hang it. Every rank
+returns the same dict. Part hit-rates count, per part, the images where the part is annotated
+visible and lies inside the centre view the model saw.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Dict, List, Optional
 
@@ -23,16 +25,6 @@ import torch.nn.functional as F
 from pipeline.config import Config
 from pipeline.data import DataError, Manifest, View, build_eval_loader, normalize
 from pipeline.metrics import PartHitSums, Sums, WindowSums, sequence_correct, top1_correct
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """The configured mixed precision on CUDA; CPU runs stay in float32 (CPU bf16 is slow and inexact)."""
-    if device.type == "cuda" and precision in AUTOCAST_DTYPES:
-        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
-    return contextlib.nullcontext()
-
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers (their forward would add bookkeeping, not math)."""
@@ -143,7 +135,10 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
     Raises DataError when the ranks together scored (or skipped as corrupt) a different number
     of samples than the manifest lists, unless max_samples stopped them early.
     """
+    from pipeline.train.trainer import autocast, resolve_precision  # the trainer's precision rules, not a copy
+
     device = torch.device(device)
+    precision = resolve_precision(cfg.train.precision, device, cfg.train.cpu_autocast)
     net = _unwrap(model)
     was_training = net.training
     net.eval()
@@ -165,7 +160,7 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
                     break
                 images, targets, metas = images[:room], targets[:room], metas[:room]
             x = normalize(images.to(device, non_blocking=True), cfg.data.mean, cfg.data.std, channels_last)
-            with autocast(device, cfg.train.precision):
+            with autocast(device, precision):
                 logits = net(x)
                 boxes = net.attend(x)["boxes"].float() if num_streams else None
             scorer.add_batch(logits, targets.to(device), boxes, metas)
