@@ -47,7 +47,6 @@ def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]]) -> Dict[str
                 count += 1
             # end of archive: two zero blocks, padded to whole 10 KiB records as tarfile's stream mode does
             stream.write(bytes(-(stream.size + 2 * _BLOCK) % _RECORD + 2 * _BLOCK))
-            stream.flush()
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
@@ -58,52 +57,47 @@ def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]]) -> Dict[str
 
 
 class _HashingWriter:
-    """File wrapper that hashes what goes through it (saves re-reading the shard for its sha256).
-
-    Small pieces (headers, padding, json) are gathered and passed on together: a sample is then
-    3 hash updates and writes instead of 9.
-    """
-
-    SMALL = 8192
+    """File wrapper that hashes what goes through it (saves re-reading the shard for its sha256)."""
 
     def __init__(self, raw: BinaryIO):
         self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
-        self.pending = bytearray()
 
     def write(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.raw.write(data)
         self.size += len(data)
-        if len(data) < self.SMALL:
-            self.pending += data
-            if len(self.pending) < self.SMALL:
-                return
-            data = b""
-        self.flush()
-        if data:
-            self.sha.update(data)
-            self.raw.write(data)
 
-    def flush(self) -> None:
-        if self.pending:
-            self.sha.update(self.pending)
-            self.raw.write(self.pending)
-            self.pending = bytearray()
+
+_SMALL = 8192
 
 
 def _write_sample(stream: _HashingWriter, sample: Dict[str, Any]) -> None:
-    """One sample's members in sorted field order, as webdataset's TarWriter writes them."""
+    """One sample's members in sorted field order, as webdataset's TarWriter writes them.
+
+    Headers, padding and small members are gathered into one buffer, large ones (images) passed
+    on as they are: about 3 hash updates and writes per sample instead of 9.
+    """
     if "__key__" not in sample:
         raise ValueError("sample must contain a __key__")
     key = sample["__key__"]
+    small = bytearray()
     for field in sorted(sample):
         if field.startswith("_"):
             continue
         data = _encode(field, sample[field])
-        stream.write(_ustar_header(f"{key}.{field}", len(data)))
-        stream.write(data)  # separate writes: no copy of a large image into one buffer
-        stream.write(bytes(-len(data) % _BLOCK))
+        small += _ustar_header(f"{key}.{field}", len(data))
+        if len(data) >= _SMALL:
+            stream.write(small)
+            stream.write(data)
+            small = bytearray()
+        else:
+            small += data
+        small += bytes(-len(data) % _BLOCK)
+    if small:
+        stream.write(small)
 
 
-def _ustar_header(name: str, size: int) -> bytes:
+def _ustar_header(name: str, size: int) -> bytes | bytearray:
     """The 512-byte header tarfile writes for a regular file (a few us instead of tarfile's ~100)."""
     encoded = name.encode("utf-8")
     if len(encoded) > 100 or not name.isascii():  # needs a pax header: let tarfile build it
@@ -113,10 +107,11 @@ def _ustar_header(name: str, size: int) -> bytes:
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     header = bytearray(_HEADER_TEMPLATE)
     header[0:len(encoded)] = encoded
-    header[124:136] = b"%011o\0" % size
-    checksum = sum(header)  # the checksum field holds 8 spaces while summing
-    header[148:155] = b"%06o\0" % checksum
-    return bytes(header)
+    size_field = b"%011o\0" % size
+    header[124:136] = size_field
+    # checksum: the template's byte sum (checksum field as 8 spaces) with the name and size swapped in
+    header[148:155] = b"%06o\0" % (_TEMPLATE_SUM + sum(encoded) + sum(size_field))
+    return header
 
 
 def _header_template() -> bytes:
@@ -131,6 +126,7 @@ def _header_template() -> bytes:
 
 _BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 _HEADER_TEMPLATE = _header_template()
+_TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])  # without its (zero) size field
 
 
 def _encode(field: str, value: Any) -> bytes:
