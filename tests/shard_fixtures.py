@@ -2,6 +2,7 @@
 
     root = write_tiny_cub_shards(tmp_path / "cub")          # manifest.json + train/test tar shards
     root = write_tiny_svhn_shards(tmp_path / "svhn")
+    cfg = tiny_config(f"data.root={root}")                   # 32 px, 3 classes, CPU-sized
 
 The images are real JPEG (CUB) / PNG (SVHN) files drawn with PIL, written through
 data_prep.shards, so every reader (webdataset, `tar tf`, the pipeline) sees what data_prep writes.
