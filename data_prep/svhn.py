@@ -21,6 +21,7 @@ Format 2 sample: `png` 32x32 RGB, `cls` (0-9) and `json` {"id", "index", "digits
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def make_plan(root: str | Path, split: Any = "train", size: int = 64, val_from_t
     for name, items in out_splits:
         present = []
         for e in items:
-            if e["format"] == 1 and not (root / e["source"] / e["name"]).exists():
+            if e["format"] == 1 and not os.path.exists(os.path.join(root, e["source"], e["name"])):
                 if not skip_missing:
                     raise DataPrepError(f"{root / e['source'] / e['name']}: image of entry {e['index'] + 1} in "
                                         "digitStruct.mat is missing (pass --skip-missing to leave it out)")
