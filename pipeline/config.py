@@ -44,7 +44,7 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     augment: str = "cub"                   # augmentation preset: cub | svhn | digits | none
-    resize: int = 512                      # shorter side before the random crop (paper A.5: 512 -> 448)
+    resize: Optional[int] = None           # shorter side before the random crop; null = derived (paper A.5: 512 for 448)
     shuffle_buffer: int = 1000             # samples held by the in-memory shuffle
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

@@ -19,11 +19,10 @@ from typing import Sequence, Tuple
 import cv2
 import numpy as np
 
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config
 from pipeline.data.manifest import DataError
 
-# Resize / crop ratios of the paper's presets; data.resize == DEFAULT_RESIZE means "derive it".
-DEFAULT_RESIZE = DataConfig().resize
+# Resize / crop ratios of the paper's presets, used when data.resize is null.
 RESIZE_RATIO = {"cub": 512 / 448, "svhn": 64 / 54}
 
 
@@ -32,7 +31,7 @@ def effective_resize(cfg: Config) -> int:
     augment, size, resize = cfg.data.augment, cfg.model.input_size, cfg.data.resize
     if augment not in RESIZE_RATIO:
         return size
-    if resize is None or (resize == DEFAULT_RESIZE and size != 448):
+    if resize is None:
         resize = round(size * RESIZE_RATIO[augment])
     if resize < size:
         raise DataError(f"data.resize={resize} is smaller than model.input_size={size}: nothing to crop")
