@@ -4,6 +4,7 @@ exits with the requeue code."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -25,17 +26,19 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _start(overrides) -> subprocess.Popen:
+    # Its own process group, so a signal can reach the run and its loader workers alike.
     return subprocess.Popen(train_cmd(overrides), cwd=REPO, env=subprocess_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def _signal_after(proc: subprocess.Popen, marker: str, sig: int) -> str:
-    """Send `sig` as soon as `marker` shows up in the run's log (stderr); returns the log."""
+def _signal_after(proc: subprocess.Popen, marker: str, sig: int, group: bool = False) -> str:
+    """Send `sig` (to the whole process group if `group`) as soon as `marker` shows up in the
+    run's log (stderr); returns the log."""
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if marker in line:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
             break
     seen.append(proc.communicate(timeout=240)[1])
     return "".join(seen)
@@ -73,10 +76,12 @@ def test_sigkill_after_a_checkpoint_then_resume_auto_matches_an_uninterrupted_ru
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_with_the_requeue_code(shards, tmp_path):
+    # As SLURM does on preemption, the signal goes to every process of the job, loader workers
+    # included: they must outlive it until the trainer has written its checkpoint.
     run_dir = tmp_path / "run"
     proc = _start(tiny_run(shards, run_dir, "train.max_steps=100000", "train.checkpoint_every=1000",
-                           "train.eval_every=1000"))
-    log = _signal_after(proc, "step 2/100000", signal.SIGTERM)
+                           "train.eval_every=1000", "train.num_workers=2"))
+    log = _signal_after(proc, "step 2/100000", signal.SIGTERM, group=True)
     assert proc.returncode == REQUEUE_EXIT_CODE == 3, log[-2000:]
     state = _state(run_dir)
     assert 2 <= state["step"] < 100000

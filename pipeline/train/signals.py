@@ -8,13 +8,34 @@ and the requeued job continues with `train.resume=auto`.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
 
 REQUEUE_EXIT_CODE = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def blocked_in_new_workers() -> Iterator[None]:
+    """Block the stop signals while data-loader workers may be forked (first `next()` of a loader).
+
+    SLURM signals every process of a job step, loader workers included, and torch's workers die on
+    SIGTERM: the trainer would then crash in the middle of writing its checkpoint. A forked child
+    keeps the signal mask of the thread that forked it, so workers started inside this block never
+    receive the stop signals (they exit when the trainer shuts them down, or when it is gone). The
+    trainer's own mask is restored on exit, and a signal that arrived meanwhile is delivered then.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Preempted(Exception):

@@ -32,7 +32,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import DistEnv, all_gather_object, any_rank, barrier
 from pipeline.train.monitor import Monitor, Throughput
 from pipeline.train.optim import build_optimizer, build_schedule, lrs_by_role
-from pipeline.train.signals import Preempted, StopRequest
+from pipeline.train.signals import Preempted, StopRequest, blocked_in_new_workers
 from pipeline.train.viz import attention_picture
 
 log = logging.getLogger("pipeline.train")
@@ -115,9 +115,11 @@ class Trainer:
                         raise Preempted(self.step, stop.signal_name or "a signal on another rank",
                                         str(self.checkpoints.last))
                     if periodic and not final:
+                        stream.close()  # stops its workers now
                         stream = self.train_stream()  # a new segment: see the module docstring
                         speed.reset()
         finally:
+            stream.close()
             self.monitor.close()
         return self.summary()
 
@@ -229,7 +231,8 @@ class Trainer:
 
     def next_batch(self, stream) -> Tuple[torch.Tensor, torch.Tensor, float]:
         start = time.perf_counter()
-        images, targets = next(stream)
+        with blocked_in_new_workers():
+            images, targets = next(stream)
         wait = time.perf_counter() - start
         images, targets = self.to_device(images, targets)
         return images, targets, wait
@@ -293,9 +296,10 @@ class Trainer:
         # evaluates (and loads picture images) at other moments than an uninterrupted one.
         rngs = ckpt.rng_state()
         try:
-            metrics = evaluate(self.model, self.cfg, self.manifest, self.cfg.data.eval_split,
-                               self.env.device, self.env.rank, self.env.world_size,
-                               self.cfg.train.eval_max_samples)
+            with blocked_in_new_workers():
+                metrics = evaluate(self.model, self.cfg, self.manifest, self.cfg.data.eval_split,
+                                   self.env.device, self.env.rank, self.env.world_size,
+                                   self.cfg.train.eval_max_samples)
             if self.env.is_main and hasattr(self.model, "attend") and self.cfg.train.num_viz > 0:
                 self.draw_attention()
         finally:
