@@ -4,7 +4,7 @@
         --distortion RTS --seed 0 --limit 10000
 
 Distortions (paper A.3; every length in pixels of the 28x28 source digit):
-  R    rotation uniform in [-90, 90] degrees; 28x28.
+  R    rotation uniform in [-90, 90] degrees about the centre (> 0: clockwise on screen); 28x28.
   RTS  rotation in [-45, 45] degrees, scale in [0.7, 1.2], placed at a random location of a 42x42 image.
   P    scale in [0.75, 1.0], then each image corner moved by N(0, 5 px): a projective warp; 28x28.
   E    scale in [0.75, 1.0], then a 16-point (4x4) thin-plate spline whose control points move by

@@ -27,6 +27,11 @@ def test_table_layout_mean_and_spread():
     assert row["cnn"][3] == "2.0 ± 1.0"            # RTS: mean ± sample std over 3 seeds
     assert row["st-cnn-aff"][3] == "0.5"           # one seed: no spread
     assert row["st-fcn-tps"][6] == "diverged" and row["cnn"][2] == "–"
+    # A variant asked for comes below Table 1's rows.
+    with_variant = format_table(records + [{"model": "st-cnn-aff-nopool", "distortion": "RTS", "seed": 0,
+                                            "test_error": 4.0}], models=("st-cnn-aff-nopool", "cnn"))
+    assert with_variant.splitlines()[2].startswith("| CNN |")
+    assert with_variant.splitlines()[3].startswith("| ST-CNN, no pooling after ST | Aff | – | 4.0 |")
 
 
 @pytest.mark.slow
@@ -70,3 +75,20 @@ def test_the_module_runs_as_a_program():
     result = subprocess.run([PYTHON, "-m", "pipeline.experiments", "distorted", "--help"],
                             capture_output=True, text=True, cwd=REPO, env=subprocess_env())
     assert result.returncode == 0 and "--idx-root" in result.stdout and "--quick" in result.stdout
+
+
+def test_transform_stats_tell_identity_from_zoom():
+    import torch
+
+    from pipeline.experiments.distorted import build, transform_stats
+
+    model = build("st-cnn-aff", "RTS").eval()
+    images = torch.randint(0, 255, (4, 1, 42, 42), dtype=torch.uint8)
+    assert transform_stats(model, images, "affine") == pytest.approx({"grid_shift_px": 0.0, "sampled_area": 1.0},
+                                                                      abs=1e-4)
+    # Sample the central half: area 1/4; a point p moves by |p| / 2, and |p| averages 0.765 x 21 px over the square.
+    with torch.no_grad():
+        model.transformer.head.bias.copy_(torch.tensor([0.5, 0, 0, 0, 0.5, 0]))
+    stats = transform_stats(model, images, "affine")
+    assert stats["sampled_area"] == pytest.approx(0.25, abs=0.01)
+    assert stats["grid_shift_px"] == pytest.approx(0.765 * 21 / 2, rel=0.03)

@@ -14,7 +14,7 @@ EXPERIMENTS = ("distorted",)
 
 
 def parse_distorted(argv: List[str]) -> argparse.Namespace:
-    from .distorted import DISTORTIONS, MODEL_KEYS
+    from .distorted import DISTORTIONS, MODEL_KEYS, ROWS
 
     p = argparse.ArgumentParser(prog="python -m pipeline.experiments distorted",
                                 description="Paper Table 1: FCN/CNN/ST-FCN/ST-CNN on distorted digits.")
@@ -24,7 +24,8 @@ def parse_distorted(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the quick profile: training subset, few steps, 1 seed")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per (model, distortion)")
     p.add_argument("--distortions", default=",".join(DISTORTIONS), help="comma-separated subset of R,RTS,P,E,TC")
-    p.add_argument("--models", default=",".join(MODEL_KEYS), help=f"comma-separated subset of {','.join(MODEL_KEYS)}")
+    p.add_argument("--models", default=",".join(MODEL_KEYS),
+                   help=f"comma-separated subset of {','.join(ROWS)} (default: Table 1's {len(MODEL_KEYS)} rows)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (lr /10 at 1/3 and 2/3)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images (default: profile's)")

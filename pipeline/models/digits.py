@@ -20,7 +20,6 @@ not normalised: the transformer's zero padding must stay the background colour.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional
 
 import torch
