@@ -5,6 +5,7 @@ Ray's start-up time and leaving no experiment folder behind).
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -148,12 +149,18 @@ def test_best_row_prefers_trials_that_trained_to_the_end():
     assert table.count("\n") == 5 and "early-stopped" in table
 
 
-def test_resume_prefers_rays_checkpoint_then_the_trainers_last(tmp_path):
+def test_resume_takes_the_newer_of_rays_checkpoint_and_the_trainers_last(tmp_path):
     ray_dir, run_dir = tmp_path / "ray_ckpt", tmp_path / "run"
     assert _pick_resume(None, run_dir) == (None, "none")
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.pt").write_bytes(b"x")
-    assert _pick_resume(None, run_dir) == (run_dir / "checkpoints" / "last.pt", "run_dir")
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(b"x")
+    assert _pick_resume(None, run_dir) == (last, "run_dir")
     ray_dir.mkdir()
-    (ray_dir / "step_0000004.pt").write_bytes(b"x")
-    assert _pick_resume(str(ray_dir), run_dir) == (ray_dir / "step_0000004.pt", "ray")
+    ray_file = ray_dir / "step_0000004.pt"
+    ray_file.write_bytes(b"x")
+    os.utime(last, (1000, 1000))
+    assert _pick_resume(str(ray_dir), run_dir) == (ray_file, "ray")
+    os.utime(ray_file, (500, 500))  # the driver died before Tune recorded the trainer's newest
+    assert _pick_resume(str(ray_dir), run_dir) == (last, "run_dir")
+    assert _pick_resume(str(ray_dir), tmp_path / "elsewhere") == (ray_file, "ray")

@@ -10,10 +10,10 @@ Two shapes, one training code:
 
 Each evaluation reports the trainer's metrics plus `step`, which the schedulers use as their
 time unit (a resumed trial keeps counting from its checkpoint's step, unlike Tune's
-`training_iteration`). A (re)started trial resumes from its newest Ray checkpoint, or, when Ray's
-experiment state lags behind the files (driver killed between a checkpoint and Tune's next state
-save), from the trainer's own `checkpoints/last.pt` in the trial's run folder. Every start is
-appended to `<run dir>/trial_starts.jsonl` so that resumption can be audited.
+`training_iteration`). A (re)started trial resumes from the newer of its Ray checkpoint and the
+trainer's own `checkpoints/last.pt` in the trial's run folder (Ray's lags behind, or is missing,
+when the driver was killed between a checkpoint and Tune's next experiment-state save). Every
+start is appended to `<run dir>/trial_starts.jsonl` so that resumption can be audited.
 """
 from __future__ import annotations
 
@@ -121,14 +121,17 @@ def run_trial(params: Dict[str, Any], plan: TrialPlan) -> None:
 
 
 def _pick_resume(ray_folder: Optional[str], run_dir: Path):
-    """(checkpoint file to resume from or None, where it came from: ray | run_dir | none)."""
-    found = checkpoint_file(ray_folder)
-    if found is not None:
-        return found, "ray"
-    last = trainer_last_checkpoint(run_dir)
-    if last is not None:
-        return last, "run_dir"
-    return None, "none"
+    """(checkpoint file to resume from or None, where it came from: ray | run_dir | none).
+
+    The newer of Ray's checkpoint and the trainer's `last.pt`: Ray's lags behind when the driver
+    died after the trainer wrote a checkpoint and before Tune saved its experiment state.
+    """
+    candidates = [(path, source) for path, source in ((checkpoint_file(ray_folder), "ray"),
+                                                      (trainer_last_checkpoint(run_dir), "run_dir")) if path]
+    if not candidates:
+        return None, "none"
+    # max() keeps the first of equals: Ray's checkpoint when both are the same file.
+    return max(candidates, key=lambda c: c[0].stat().st_mtime)
 
 
 def _train(plan: TrialPlan, params: Dict[str, Any], run_dir: Path, ray_checkpoint: Any,
