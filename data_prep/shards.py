@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterable
@@ -28,7 +29,8 @@ def shard_name(split: str, index: int) -> str:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    # host and pid: array jobs on different nodes may share a pid and finalise the same manifest
+    return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
 
 
 def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
