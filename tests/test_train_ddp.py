@@ -85,7 +85,9 @@ def _assert_close(got: dict, want: dict, what: str) -> None:
 @pytest.mark.multiprocess
 def test_two_rank_step_equals_one_process_step_on_the_whole_batch(tmp_path: Path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    # fork, not spawn: the ranks start without importing torch and timm again (CPU only: no CUDA state).
+    mp.start_processes(_rank_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True,
+                       start_method="fork")
     ranks = torch.load(out, weights_only=True)
 
     reference = one_step(GLOBAL_BATCH, slice(None))  # 1 process, batch 2b

@@ -1,12 +1,13 @@
 """Fast unit tests of the trainer's parts: launcher environments, checkpoint files, run() callbacks."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 import torch
 
-from conftest import need_program
+from conftest import REPO, need_program
 from pipeline.config import load_config
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import main, run
@@ -113,3 +114,22 @@ def test_run_calls_on_eval_with_reduced_metrics_and_the_checkpoint_just_written(
     assert all(c[2] in (None, c[0]) for c in calls)
     assert summary["step"] == 3 and summary["checkpoint"].endswith("last.pt")
     assert summary["metrics"]["num_samples"] == 6
+
+
+@pytest.mark.slow
+def test_sequence_models_train_and_keep_the_best_by_sequence_accuracy(tmp_path):
+    from shard_fixtures import write_tiny_svhn_shards
+    shards = write_tiny_svhn_shards(tmp_path / "svhn")
+    cfg = load_config(REPO / "configs" / "svhn" / "st_single_64.yaml", [
+        f"data.root={shards}", f"run.dir={tmp_path / 'run'}", "model.extra.width=0.125", "train.global_batch_size=4",
+        "train.max_steps=2", "train.eval_every=2", "train.num_workers=0", "train.log_every=1", "train.num_viz=2",
+        "data.shuffle_buffer=8"])
+    summary = run(cfg)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["metric_name"] == "sequence_accuracy" and best["best_metric"] == summary["metrics"]["sequence_accuracy"]
+    assert 0 <= summary["metrics"]["digit_accuracy"] <= 1 and summary["metrics"]["num_samples"] == 6
+    train = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [l for l in train if l["split"] == "train"]
+    # The logged lr is the base lr; the localisation role runs at 0.1 x it (paper A.4).
+    assert train[0]["lr"] == pytest.approx(cfg.optim.lr) and train[0]["lr/localisation"] == pytest.approx(0.1 * cfg.optim.lr)
+    assert (tmp_path / "run" / "viz" / "step_0000002.png").is_file()

@@ -281,7 +281,8 @@ class Trainer:
                                 f"{kept}; lower optim.lr or set optim.grad_clip")
 
     def log_train(self, loss: torch.Tensor, speed: Throughput) -> None:
-        values = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
+        base_lr = self.cfg.optim.lr * self.schedule.lr_lambdas[0](self.schedule.last_epoch)  # roles scale this
+        values = {"loss": loss.item(), "lr": base_lr,
                   **speed.values(self.cfg.train.max_steps - self.step)}
         values.update({f"lr/{role}": lr for role, lr in lrs_by_role(self.optimizer).items()})
         self.monitor.record(self.step, "train", values)
