@@ -183,6 +183,22 @@ def test_jobs_and_workers_give_the_same_bytes(cub_root, tmp_path, monkeypatch):
 
 
 @pytest.mark.multiprocess
+def test_concurrent_array_jobs_leave_one_complete_manifest(cub_root, tmp_path):
+    """Three jobs at once, as a SLURM array runs them: whichever finishes last writes the manifest."""
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([PYTHON, "-m", "data_prep", "cub", "--root", str(cub_root), "--out", str(out),
+                               "--shard-size", "5"], stderr=subprocess.PIPE,
+                              env=subprocess_env(SLURM_ARRAY_TASK_COUNT="3", SLURM_ARRAY_TASK_ID=str(i)))
+             for i in range(3)]
+    errors = [proc.communicate(timeout=120)[1].decode() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+    assert sum("wrote 4 shard(s)" in err for err in errors) == 3  # 12 shards, 4 per job
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == cub.prepare(cub_root, tmp_path / "single", shard_size=5)
+    assert verify(out)[0] == []
+
+
+@pytest.mark.multiprocess
 def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(cub_root, tmp_path):
     """The job blocks inside shard train-000002 on a FIFO standing in for an image; we SIGKILL it there."""
     root = light_copy(cub_root, tmp_path, copy_images=True)
