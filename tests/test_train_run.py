@@ -143,6 +143,12 @@ def test_micro_batch_not_dividing_the_rank_batch_is_a_one_line_error(shards, tmp
     assert "train.micro_batch_size=4" in _error_line(capsys)
 
 
+def test_classifier_smaller_than_the_label_set_is_a_one_line_error(shards, tmp_path, capsys):
+    assert main(tiny_run(shards, tmp_path / "run", "model.num_classes=2", "train.max_steps=1")) == 2
+    line = _error_line(capsys)
+    assert line.startswith("error: ") and "manifest.json" in line and "model.num_classes=2" in line
+
+
 def test_unknown_config_key_is_a_one_line_error(shards, tmp_path, capsys):
     assert main(tiny_run(shards, tmp_path / "run", "train.max_stepz=3")) == 2
     assert "train.max_stepz" in _error_line(capsys)

@@ -9,6 +9,10 @@ run resumed from a periodic checkpoint sees the same batches and dropout masks a
 uninterrupted one. A checkpoint written on a stop signal sits mid-segment: the resumed run then
 draws a fresh stream from (seed, that step), so it trains on other (equally distributed) batches
 than an uninterrupted run would have. On CUDA, `grid_sample`'s backward is not deterministic.
+
+Per step, two small synchronisations keep the ranks in agreement: the loss is read back to stop at
+the first NaN/inf before anything is written, and a one-int all-reduce on a gloo group tells
+every rank whether any of them received a stop signal (so they all checkpoint at the same step).
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def stream_seed(seed: int, step: int) -> int:
-    """Seed of the training stream that starts at `step` (any two distinct (seed, step) differ)."""
+    """Seed of the training stream that starts at `step` (distinct for steps below 1,000,003)."""
     return seed * 1_000_003 + step
 
 
@@ -89,6 +93,7 @@ class Trainer:
         t = self.cfg.train
         self.manifest = self.read_data()
         self.build_model_and_optimiser()
+        self.manifest.check_model(self.task, self.cfg.model.num_classes)  # labels fit the classifier
         self.restore_or_start()
         self.monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.step)
         self.log_setup()
