@@ -257,8 +257,13 @@ def _warn_skipped(skipped: List[Dict[str, str]]) -> None:
 
 def claim_output(out: Path, plan: Plan, overwrite: bool) -> None:
     """Make `out` ours for this plan: refuse (or with overwrite, clear) a folder holding other data."""
+    if out.exists() and not out.is_dir():
+        raise DataPrepError(f"{out}: --out exists and is not a folder")
     _check_identity(out, plan, overwrite)
-    (out / STATE_DIR / "shards").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / STATE_DIR / "shards").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataPrepError(f"{out}: cannot create the output folder ({err.strerror})") from None
     options = out / STATE_DIR / "options.json"
     if not options.is_file():
         write_json_atomic(options, plan.identity)

@@ -147,6 +147,9 @@ def test_output_holding_other_data_refused_unless_overwrite(cub_root, tmp_path, 
     manifest = cub.prepare(cub_root, out, shard_size=7, overwrite=True)
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(shard_digests(manifest))
     assert not (out / "train-000005.tar").exists()  # the old run's extra shard is gone
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DataPrepError, match="a_file: --out exists and is not a folder"):
+        cub.prepare(cub_root, tmp_path / "a_file")
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "data-000000.tar").write_bytes(b"x")
