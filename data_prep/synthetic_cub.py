@@ -39,10 +39,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from . import DataPrepError
 
@@ -559,7 +560,8 @@ def _manifest(options: SyntheticCubOptions, classes: List[BirdClass]) -> Dict:
             "detail_parts": {"head": "crown", "body": "wing"}}
 
 
-def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClass]) -> None:
+def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClass],
+                progress: Optional[Callable[[int], None]]) -> None:
     (root / "parts").mkdir(parents=True)
     split = _split_flags(options)
     images, labels, boxes, part_locs, params = [], [], [], [], []
@@ -578,6 +580,8 @@ def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClas
             part_locs += [f"{image_id} {p} {x:.1f} {y:.1f} {vis}"
                           for p, (x, y, vis) in enumerate(sample.parts, start=1)]
             params.append(json.dumps({"id": image_id, "class_id": class_id, **sample.params}, sort_keys=True))
+            if progress is not None:
+                progress(1)
     _write_lines(root / "images.txt", images)
     _write_lines(root / "classes.txt", [f"{i} {i:03d}.{c.name}" for i, c in enumerate(classes, start=1)])
     _write_lines(root / "image_class_labels.txt", labels)
@@ -591,8 +595,11 @@ def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClas
 
 def generate(out: str | Path, classes: int = 9, images_per_class: int = 60, size: int = 128,
              seed: int = 0, test_fraction: float = 0.5, jpeg_quality: int = 90,
-             pattern_period: float = PATTERN_PERIOD_PX, overwrite: bool = False) -> Path:
+             pattern_period: float = PATTERN_PERIOD_PX, overwrite: bool = False,
+             progress: Optional[Callable[[int], None]] = None) -> Path:
     """Write the synthetic CUB root at `out` and return it.
+
+    `progress(n)` is called after every n images drawn (e.g. a tqdm bar's `update`).
 
     The root appears complete or not at all (drawn in a hidden sibling folder, then renamed). An
     existing root made with the same options is kept as it is (reruns of `make demo` are free);
@@ -617,7 +624,7 @@ def generate(out: str | Path, classes: int = 9, images_per_class: int = 60, size
         if stale.exists():
             shutil.rmtree(stale)
     try:
-        _write_root(tmp, options, bird_list)
+        _write_root(tmp, options, bird_list, progress)
         if out.exists():  # move the old root aside first, so `out` is never half-made
             os.replace(out, old)
         os.replace(tmp, out)
@@ -710,7 +717,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   jpeg_quality=args.jpeg_quality, pattern_period=args.pattern_period)
     options.validate()
     state = "up to date:" if is_generated(args.out, options) else "wrote"
-    root = generate(args.out, overwrite=args.overwrite, **asdict(options))
+    with tqdm(total=options.classes * options.images_per_class, desc="synthetic-cub", unit="img",
+              disable=None) as bar:  # disable=None: a bar only on a terminal, not in CI logs
+        root = generate(args.out, overwrite=args.overwrite, progress=bar.update, **asdict(options))
     total = options.classes * options.images_per_class
     n_test = options.classes * options.test_images_per_class
     print(f"synthetic-cub: {state} {root} ({total} images, {args.classes} classes, "

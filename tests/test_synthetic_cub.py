@@ -276,3 +276,9 @@ def test_every_class_gets_the_same_test_share(per_class, fraction, n_test):
     assert len(flags) == 3 * per_class
     for k in range(3):
         assert flags[k * per_class:(k + 1) * per_class].count(0) == n_test
+
+
+def test_progress_is_reported_per_image(tmp_path: Path):
+    counted = []
+    sc.generate(tmp_path / "root", classes=2, images_per_class=3, size=64, progress=counted.append)
+    assert sum(counted) == 6 and len(counted) == 6
