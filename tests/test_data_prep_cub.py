@@ -147,6 +147,11 @@ def test_class_subset_relabels_from_zero_and_limit(cub_root, tmp_path):
         assert int(sample["cls"]) == 0 and meta["class_id"] == 5 and meta["id"] <= 20
     ids = [json.loads(s["json"])["id"] for s in samples["train"]]
     assert ids == sorted(ids)  # the lowest ids, in order
+    whole = cub.prepare(root, tmp_path / "whole", classes="5", shard_size=3)
+    raw = raw_records(root)
+    for split in ("train", "test"):  # the official split restricted to the subset
+        expected = sum(r["split"] == split and r["class_id"] == 5 for r in raw.values())
+        assert whole["splits"][split]["num_samples"] == expected > 4
     with pytest.raises(DataPrepError, match="--classes: '0-3'"):
         cub.prepare(root, tmp_path / "out2", classes="0-3")
 
