@@ -14,8 +14,9 @@ the localisation trunk are N+1 backbone passes at the crop size, so 1.0 means th
 cost nothing beyond them (plain PyTorch reference on GPU: 1.06 for N=2, 1.10 for N=4). Step times
 are wall time on GPU; on CPU they are the process's CPU time with one thread (neighbours on a
 shared machine inflate wall time, not that), and wall times are reported beside them.
-Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak RSS (VmHWM) of a fresh process
-that builds only that variant and trains 3 steps, and that peak minus its RSS after the imports.
+Peak memory, in a fresh process that builds only that variant and trains 3 steps:
+torch.cuda.max_memory_allocated on GPU; on CPU the peak RSS (VmHWM) and that peak minus the RSS
+after the imports.
 """
 from __future__ import annotations
 
@@ -87,22 +88,27 @@ def _proc_status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def cpu_peak_rss(args, streams: int) -> dict:
-    """Peak RSS (MiB) of a fresh process that builds only this variant and trains a few steps, and
-    that peak minus the process's RSS after its imports (the variant's own footprint)."""
+def peak_memory(args, streams: int) -> dict:
+    """Peak memory of a fresh process that builds only this variant and trains 3 steps."""
     cmd = [sys.executable, __file__, "--memory-child", str(streams), "--backbone", args.backbone,
            "--input-size", str(args.input_size), "--crop-size", str(args.crop_size), "--batch", str(args.batch),
-           "--threads", str(args.threads), "--device", "cpu"]
+           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def memory_child(args) -> None:
+    """GPU: torch.cuda.max_memory_allocated. CPU: peak RSS (VmHWM), and that peak minus the RSS
+    after the imports (the variant's own footprint)."""
     imported = _proc_status_mb("VmRSS")
-    variant = make_trainer(args, torch.device("cpu"), args.memory_child)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    variant = make_trainer(args, device, args.memory_child)
     timed_steps(variant, 3)
-    peak = _proc_status_mb("VmHWM")
-    print(json.dumps({"peak_rss_mb": peak, "peak_rss_over_imports_mb": peak - imported}))
+    if device.type == "cuda":
+        print(json.dumps({"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}))
+    else:
+        peak = _proc_status_mb("VmHWM")
+        print(json.dumps({"peak_rss_mb": peak, "peak_rss_over_imports_mb": peak - imported}))
 
 
 def measure(args, device: torch.device) -> dict:
@@ -130,12 +136,7 @@ def measure(args, device: torch.device) -> dict:
             row["ratio_to_n_plus_1_backbone_steps"] = step[name] / ((n + 1) * step["backbone"])
             # Per round too: neighbours in time share the machine's state, so their spread is honest.
             row["ratio_all_rounds"] = [t / ((n + 1) * b) for t, b in zip(basis[name], basis["backbone"])]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            timed_steps(trainers[name], 2)
-            row["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            row.update(cpu_peak_rss(args, n))
+        row.update(peak_memory(args, n))
         results[name] = row
     return results
 
