@@ -233,3 +233,16 @@ def test_verify_checks_svhn_labels_and_boxes(svhn_root, tmp_path):
     assert "sample bad_1: digits [1, 12] not all in 0..9" in problems
     assert "sample bad_1: box [60, 0, 10, 10] reaches outside the 64x64 image" in problems
     assert "sample bad_2: length 3 with 1 digits" in problems
+
+
+def test_digit_struct_without_a_field_is_one_line_error(svhn_root, tmp_path, capsys):
+    path = svhn_root / "train" / "digitStruct.mat"
+    with h5py.File(path, "r+") as f:
+        del f[f["digitStruct/bbox"][1, 0]]["top"]  # entry 2 (three digits) loses its 'top'
+    assert data_prep_main(["svhn", "--root", str(svhn_root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {path}: entry 2 has no 'top' in its bbox"
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    # shards before the bad entry are complete (a rerun keeps them); its own never appears
+    assert not (tmp_path / "out" / "train-000001.tar").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if ".partial-" in p.name]
