@@ -95,6 +95,22 @@ def test_evaluate_cli_under_torchrun_reproduces_the_checkpoint_metrics(ddp_run):
     assert printed[0]["step"] == stored["step"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_rank_run_resumes_from_last_and_extends_to_new_max_steps(ddp_run, tmp_path):
+    run_dir, overrides, _ = ddp_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    moved = [o for o in overrides if not o.startswith(("run.dir=", "train.max_steps="))]
+    result = run_cli([*moved, f"run.dir={copy}", "train.max_steps=8", "train.resume=auto"], nproc=2)
+    assert result.returncode == 0, explain(result)
+    assert f"resumed from {copy / 'checkpoints' / 'last.pt'} at step {MAX_STEPS}" in result.stderr
+    last = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+    assert last["step"] == 8 and last["images_seen"] == 8 * 4 and len(last["rng"]) == 2
+    steps = [l["step"] for l in _lines(copy) if l["split"] == "train"]
+    assert steps == list(range(1, 9))
+
+
 def test_global_batch_not_divisible_by_the_world_size_fails_before_the_rendezvous(shards, tmp_path, monkeypatch,
                                                                                    capsys):
     # What torchrun sets for rank 0 of 2; no other rank exists, so reaching the rendezvous would hang.
