@@ -133,3 +133,12 @@ def test_sequence_models_train_and_keep_the_best_by_sequence_accuracy(tmp_path):
     # The logged lr is the base lr; the localisation role runs at 0.1 x it (paper A.4).
     assert train[0]["lr"] == pytest.approx(cfg.optim.lr) and train[0]["lr/localisation"] == pytest.approx(0.1 * cfg.optim.lr)
     assert (tmp_path / "run" / "viz" / "step_0000002.png").is_file()
+
+
+def test_resumed_metrics_keep_lines_up_to_the_checkpoint_and_drop_a_torn_last_line(tmp_path):
+    from pipeline.train.monitor import drop_lines_after
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "split": "setup"}\n{"step": 4, "split": "train"}\n'
+                    '{"step": 4, "split": "test"}\n{"step": 5, "split": "train"}\n{"step": 6, "spl')
+    drop_lines_after(path, 4)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [0, 4, 4]

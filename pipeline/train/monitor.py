@@ -25,8 +25,13 @@ def drop_lines_after(path: Path, step: int) -> None:
     """Forget what a killed attempt logged after the checkpoint a resumed run restarts from."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except ValueError:  # the line a SIGKILL cut short
+            continue
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
