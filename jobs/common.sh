@@ -51,7 +51,6 @@ activate_python() {
     PATH="$(dirname "$PYTHON"):$PATH"
     export PATH PYTHON
     export NO_ALBUMENTATIONS_UPDATE=1
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 }
 
 jobs_init() {

@@ -140,8 +140,9 @@ def test_bad_input_is_refused_before_sbatch(case, expected, tmp_path, shards, fa
     assert calls(fake_sbatch) == []
 
 
-def test_prep_submits_array_then_dependent_finalising_job(tmp_path, shared_data, fake_sbatch):
-    raw = shared_data / "cub" / "CUB_200_2011"
+def test_prep_submits_array_then_dependent_finalising_job(tmp_path, fake_sbatch):
+    raw = tmp_path / "CUB_200_2011"  # the pre-flight check only looks for the folder
+    raw.mkdir()
     res = run_submit(["prep", "cub", "--root", raw, "--out", tmp_path / "out", "--classes", "1", "--array", "3",
                       "--log-dir", tmp_path / "logs"], tmp_path, fake_sbatch)
     assert res.returncode == 0, res.stderr
@@ -188,3 +189,15 @@ def test_local_launcher_preflights_before_torchrun(tmp_path, shards):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: data.root={tmp_path / 'nowhere'}: folder not found"]
+
+
+def test_srun_launcher_asks_for_one_task_per_gpu(tmp_path, shards, fake_sbatch):
+    config = write_config(tmp_path, data={"root": str(shards)}, train={"global_batch_size": 64})
+    res = run_submit(["train", config, "--nodes", "2", "--gpus-per-node", "4", "--launcher", "srun", "--dry-run"],
+                     tmp_path, fake_sbatch, CPUS_PER_GPU="6")
+    assert res.returncode == 0, res.stderr
+    cmd = res.stdout.split()
+    # each rank is a SLURM task with its own CPUs (not the whole node's share, as under torchrun)
+    for option in ["--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=6",
+                   "--export=ALL,NPROC_PER_NODE=4,LAUNCHER=srun"]:
+        assert option in cmd, (option, cmd)

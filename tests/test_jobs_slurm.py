@@ -84,9 +84,10 @@ def _logs(folder: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(Path(folder).glob("*.out")))
 
 
-# A tiny real training run: timm resnet10t streams on 64 px images, a handful of steps on CPU.
+# A tiny real training run: timm's test_resnet streams (1M parameters) on 64 px images, a handful
+# of steps on CPU.
 TINY_TRAIN = {
-    "model": {"name": "nxst_cnn", "backbone": "resnet10t", "num_streams": 1, "input_size": 64, "crop_size": 32,
+    "model": {"name": "nxst_cnn", "backbone": "test_resnet", "num_streams": 1, "input_size": 64, "crop_size": 32,
               "num_classes": 3, "pretrained": None},
     "data": {"augment": "none", "resize": 72, "shuffle_buffer": 16},
     "optim": {"name": "adamw", "lr": 1e-3},
@@ -203,9 +204,9 @@ def test_sweep_job_runs_ray_head_and_tiny_sweep_then_stops_ray(cluster, tiny_sha
                   RAY_DASHBOARD_PORT=str(dashboard), RAY_PORT=str(free_port()), LOGIN_HOST="login.example.org",
                   RAY_START_ARGS=f"--disable-usage-stats {ports}", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
     env.pop("RAY_ADDRESS", None)
-    one_trial = 'space={"optim.lr": {"type": "grid", "values": [0.001]}}'
+    one_trial = 'space={"optim.lr": {"type": "grid", "values": [0.001]}}'  # no scheduler for one trial
     (job,) = submit(cluster, ["sweep", "configs/sweeps/tiny_cpu.yaml", f"data.root={tiny_shards}",
-                              f"storage_path={storage}", "train.max_steps=2", one_trial,
+                              f"storage_path={storage}", "train.max_steps=2", one_trial, "scheduler=none",
                               "--cpus-per-task", "2", "--log-dir", logs], env)
     assert cluster.wait(job, timeout=300) == "COMPLETED", _logs(logs)
     log = (logs / f"stn-sweep-{job}.out").read_text()
@@ -217,6 +218,8 @@ def test_sweep_job_runs_ray_head_and_tiny_sweep_then_stops_ray(cluster, tiny_sha
     # the dashboard was bound to 127.0.0.1 and is gone with the job's Ray
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", dashboard), timeout=2).close()
+    assert not Path(f"/tmp/ray-{job}").exists()  # the job's own Ray session folder, removed
+    assert "forcing job termination" not in log  # Ray stopped by its own SIGTERM, not by killing steps
 
 
 @pytest.mark.multiprocess
