@@ -62,7 +62,8 @@ def evaluate_checkpoint(path: str | Path, split: Optional[str] = None, overrides
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pipeline.train (.pt)")
     parser.add_argument("--split", default=None, help="split of the manifest to score (default: data.eval_split)")
     parser.add_argument("--data-root", default=None, help="folder holding manifest.json (default: the checkpoint's)")

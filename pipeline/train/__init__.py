@@ -7,6 +7,9 @@
 Exit codes of the CLI: 0 done; 2 bad input (config, data, checkpoint: a one-line `error: ...`);
 1 the loss became NaN/inf; REQUEUE_EXIT_CODE (3) stopped by SIGTERM/SIGUSR1 after writing
 `checkpoints/last.pt` -- requeue the job and it continues with `train.resume=auto`.
+torchrun itself exits 1 when it is signalled, whatever its workers return (their checkpoint is
+written all the same): a batch script that launches torchrun requeues from its own signal trap;
+under `srun` (one task per GPU) the task's exit code is the trainer's.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoun
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML (only what differs from the defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 train.max_steps=100")
     args = parser.parse_args(argv)
