@@ -198,6 +198,8 @@ def test_asha_sweep_with_dashboard_then_best_config_trains(ray_env, shards, tmp_
     trial_pids = {json.loads(line)["pid"] for f in (exp_dir / "runs").glob("*/trial_starts.jsonl")
                   for line in f.read_text().splitlines()}
     assert {a["pid"] for a in trial_actors} <= trial_pids, "the dashboard listed actors that ran no trial"
+    for row in rows:  # each trial keeps its own run folder with TensorBoard event files
+        assert list((exp_dir / "runs" / row["trial"] / "tb").glob("events.out.tfevents.*")), row
 
     best = exp_dir / "best_config.yaml"
     best_lr = yaml.safe_load(best.read_text())["optim"]["lr"]

@@ -35,6 +35,9 @@ from pipeline.tune.trial import TrialPlan, run_trial, trial_overrides
 
 SWEEP_FILE = "sweep.yaml"
 DEFAULT_DASHBOARD_PORT = 8265
+# A DDP trial's Tune actor only drives a TorchTrainer, whose workers reserve their own CPUs/GPUs;
+# Tune refuses an empty request, so the actor takes a token share of one CPU.
+DDP_DRIVER_CPUS = 0.01
 
 
 @dataclass
@@ -83,9 +86,7 @@ def _trainable(sweep: SweepConfig, plan: TrialPlan):
 
     r = sweep.resources
     if r.workers > 1:
-        # The trial actor only drives a TorchTrainer, whose workers reserve their own CPUs/GPUs;
-        # Tune refuses an empty request, so it takes a token share of one CPU.
-        resources = {"CPU": 0.01}
+        resources = {"CPU": DDP_DRIVER_CPUS}
     else:
         resources = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
@@ -191,7 +192,8 @@ def _warn_if_too_small(sweep: SweepConfig) -> None:
     import ray
 
     r = sweep.resources
-    need = {"CPU": r.workers * r.cpus_per_worker + (0.01 if r.workers > 1 else 0), "GPU": r.workers * r.gpus_per_worker}
+    need = {"CPU": r.workers * r.cpus_per_worker + (DDP_DRIVER_CPUS if r.workers > 1 else 0),
+            "GPU": r.workers * r.gpus_per_worker}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
     if short:
