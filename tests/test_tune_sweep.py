@@ -16,7 +16,7 @@ from conftest import PYTHON, REPO, subprocess_env
 from pipeline.config import load_config
 from pipeline.tune import SweepError, format_override, load_sweep
 from pipeline.tune.__main__ import main
-from pipeline.tune.runner import best_row, markdown_table
+from pipeline.tune.runner import _status, best_row, markdown_table
 from pipeline.tune.sweep import num_grid_points, scheduler_options
 from pipeline.tune.trial import _pick_resume, trial_overrides
 
@@ -164,3 +164,11 @@ def test_resume_takes_the_newer_of_rays_checkpoint_and_the_trainers_last(tmp_pat
     os.utime(ray_file, (500, 500))  # the driver died before Tune recorded the trainer's newest
     assert _pick_resume(str(ray_dir), run_dir) == (last, "run_dir")
     assert _pick_resume(str(ray_dir), tmp_path / "elsewhere") == (ray_file, "ray")
+
+
+@pytest.mark.parametrize("tune_status,error,step,expected", [
+    ("TERMINATED", None, 8, "finished"), ("TERMINATED", None, 4, "early-stopped"),
+    ("ERROR", None, 4, "error"), (None, "boom", None, "error"), ("RUNNING", None, 4, "interrupted"),
+    ("PENDING", None, None, "not started"), (None, None, 8, "finished")])
+def test_trial_status_tells_early_stopped_from_interrupted(tune_status, error, step, expected):
+    assert _status(tune_status, error, step, max_steps=8) == expected

@@ -2,7 +2,8 @@
 
 Runs a Ray Tune sweep over the trainer (see pipeline/tune/runner.py and docs/tune.md).
 Exit codes: 0 every trial finished or was stopped early by the scheduler; 1 some trial failed
-(after its retries); 2 a bad sweep file or override (a one-line `error: ...`, before any trial starts).
+(after its retries) or the sweep was interrupted (rerun the same command to resume it); 2 a bad
+sweep file or override (a one-line `error: ...`, before any trial starts).
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (SweepError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if result.counts.get("interrupted") or result.counts.get("not started"):
+        print("the sweep stopped before all trials ended: rerun the same command to resume it", file=sys.stderr)
+        return 1
     return 1 if result.counts.get("error") else 0
 
 

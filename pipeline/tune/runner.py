@@ -226,12 +226,24 @@ def _trial_config(sweep: SweepConfig, params: Dict[str, Any]):
     return sweep.base_config(trial_overrides({k: params[k] for k in sweep.space if k in params}))
 
 
-def _status(error: Any, step: Optional[int], max_steps: int) -> str:
-    if error is not None:
+def _status(tune_status: Optional[str], error: Any, step: Optional[int], max_steps: int) -> str:
+    """finished | early-stopped (by the scheduler) | error | interrupted (resume by rerunning) | not started."""
+    if error is not None or tune_status == "ERROR":
         return "error"
+    if tune_status not in (None, "TERMINATED"):  # RUNNING / PENDING / PAUSED: the sweep was stopped
+        return "interrupted" if step is not None else "not started"
     if step is None:
         return "not started"
     return "finished" if step >= max_steps else "early-stopped"
+
+
+def _tune_statuses(exp_dir: Path) -> Dict[str, str]:
+    """Tune's own status of each trial (TERMINATED, ERROR, RUNNING, ...) from the saved state."""
+    from ray.tune import ExperimentAnalysis
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(exp_dir)).trials}
+    except Exception:  # no readable state: fall back to errors and steps alone
+        return {}
 
 
 def _number(value: Any) -> Optional[float]:
@@ -240,6 +252,7 @@ def _number(value: Any) -> Optional[float]:
 
 def trial_rows(sweep: SweepConfig, results) -> List[Dict[str, Any]]:
     rows = []
+    statuses = _tune_statuses(sweep.experiment_dir)
     for res in results:
         metrics = res.metrics or {}
         params = {k: res.config.get(k) for k in sweep.space} if res.config else {}
@@ -251,14 +264,15 @@ def trial_rows(sweep: SweepConfig, results) -> List[Dict[str, Any]]:
             column = history[sweep.metric].dropna()
             if len(column):
                 best_value = float(column.max() if sweep.mode == "max" else column.min())
+        trial_id = metrics.get("trial_id") or Path(res.path).name
         rows.append({
-            "trial": metrics.get("trial_id") or Path(res.path).name,
+            "trial": trial_id,
             **params,
             sweep.metric: _number(metrics.get(sweep.metric)),
             f"best_{sweep.metric}": best_value,
             "step": step,
             "max_steps": cfg.train.max_steps,
-            "status": _status(res.error, step, cfg.train.max_steps),
+            "status": _status(statuses.get(trial_id), res.error, step, cfg.train.max_steps),
             "error": str(res.error).splitlines()[0][:200] if res.error is not None else "",
         })
     return sorted(rows, key=lambda r: r["trial"])
