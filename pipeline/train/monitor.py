@@ -37,24 +37,28 @@ def drop_lines_after(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-class Throughput:
-    """Images/s, data-wait share and ETA over the steps since the last `reset`."""
+class Window:
+    """Mean loss (this rank's), images/s (all ranks), data-wait share and ETA over the steps since
+    the last `reset`: the trainer resets it at every log line and after evaluations and
+    checkpoints. The loss stays on the device until a log line reads it."""
 
     def __init__(self, images_per_step: int):
         self.images_per_step = images_per_step
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+        self.start, self.steps, self.wait, self.loss_sum = time.perf_counter(), 0, 0.0, 0.0
 
-    def add(self, data_wait: float) -> None:
+    def add(self, loss, data_wait: float) -> None:
         self.steps += 1
         self.wait += data_wait
+        self.loss_sum = self.loss_sum + loss
 
     def values(self, steps_left: int) -> Dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         per_step = elapsed / max(self.steps, 1)
-        return {"images_per_s": self.images_per_step * self.steps / elapsed,
+        return {"loss": float(self.loss_sum) / max(self.steps, 1),
+                "images_per_s": self.images_per_step * self.steps / elapsed,
                 "data_wait_pct": 100.0 * self.wait / elapsed, "eta_s": per_step * steps_left}
 
 

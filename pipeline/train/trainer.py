@@ -34,7 +34,7 @@ from pipeline.config import Config, per_rank_batch, save_config, to_dict
 from pipeline.models import build_model
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import DistEnv, all_gather_object, any_rank, barrier
-from pipeline.train.monitor import Monitor, Throughput
+from pipeline.train.monitor import Monitor, Window
 from pipeline.train.optim import build_optimizer, build_schedule, lrs_by_role
 from pipeline.train.signals import Preempted, StopRequest, blocked_in_new_workers
 from pipeline.train.viz import attention_picture
@@ -98,17 +98,17 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.step)
         self.log_setup()
         stream = self.train_stream()
-        speed = Throughput(self.cfg.train.global_batch_size)
+        window = Window(self.cfg.train.global_batch_size)
         try:
             with StopRequest() as stop:
                 while self.step < t.max_steps:
                     loss, wait = self.train_step(stream)
                     self.step += 1
                     self.images_seen += t.global_batch_size
-                    speed.add(wait)
+                    window.add(loss, wait)
                     self.monitor.advance(self.step)
                     if self.step % t.log_every == 0:
-                        self.log_train(loss, speed)
+                        self.log_train(window)
                     stopping = any_rank(self.env, stop.received)
                     final = self.step == t.max_steps
                     periodic = self.step % t.checkpoint_every == 0
@@ -122,7 +122,8 @@ class Trainer:
                     if periodic and not final:
                         stream.close()  # stops its workers now
                         stream = self.train_stream()  # a new segment: see the module docstring
-                        speed.reset()
+                    if periodic or self.step % t.eval_every == 0:
+                        window.reset()  # rates measure training, not evaluations and checkpoints
         finally:
             stream.close()
             self.monitor.close()
@@ -285,13 +286,13 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite loss ({loss.item()}{where}) at step {self.step + 1}; stopping, "
                                 f"{kept}; lower optim.lr or set optim.grad_clip")
 
-    def log_train(self, loss: torch.Tensor, speed: Throughput) -> None:
+    def log_train(self, window: Window) -> None:
         base_lr = self.cfg.optim.lr * self.schedule.lr_lambdas[0](self.schedule.last_epoch)  # roles scale this
-        values = {"loss": loss.item(), "lr": base_lr,
-                  **speed.values(self.cfg.train.max_steps - self.step)}
+        values = {**window.values(self.cfg.train.max_steps - self.step), "lr": base_lr}
         values.update({f"lr/{role}": lr for role, lr in lrs_by_role(self.optimizer).items()})
         self.monitor.record(self.step, "train", values)
         self.monitor.show(self.step, self.cfg.train.max_steps, values)
+        window.reset()  # each log line reports the steps since the previous one
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
