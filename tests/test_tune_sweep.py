@@ -75,6 +75,12 @@ def test_cli_rejects_a_bad_sweep_before_any_trial_starts(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # no experiment folder, so no trial, was created
 
 
+def test_cli_resume_with_nothing_to_resume_fails_before_ray_starts(tmp_path, capsys):
+    path = _write(tmp_path)
+    assert main(["--config", str(path), "--resume"]) == 2
+    assert "--resume: no sweep to resume in" in capsys.readouterr().err
+
+
 def test_cli_subprocess_bad_scheduler_exits_2_without_ray(tmp_path):
     path = _write(tmp_path, scheduler="pbt")
     run = subprocess.run([PYTHON, "-m", "pipeline.tune", "--config", str(path)], cwd=REPO,
