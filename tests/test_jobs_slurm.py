@@ -163,7 +163,7 @@ def wait_for_step(run_dir: Path, step: int, job: str, cluster: SlurmCluster, tim
 @pytest.mark.multiprocess
 def test_signalled_train_job_checkpoints_requeues_and_resumes(cluster, tiny_shards, tmp_path):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    max_steps = 12
+    max_steps = 60  # long enough that the stop lands mid-run even on a fast machine
     # No periodic checkpoint before the end: the only one to resume from is the stop checkpoint.
     config = tiny_config(tmp_path, tiny_shards, run_dir, max_steps=max_steps, checkpoint_every=1000,
                          eval_every=1000)

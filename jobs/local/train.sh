@@ -4,8 +4,8 @@
 #
 # One machine, no scheduler: `torchrun --standalone` with one worker per GPU (NGPU, default: all
 # GPUs, else 1 CPU worker), taking the same arguments and env file as jobs/slurm/train.sbatch
-# (DATA_ROOT, RUN_DIR / RUNS_ROOT, train.resume=auto). Ctrl-C or SIGTERM makes the trainer write a
-# checkpoint and exit with code 3; running the same command again resumes from it.
+# (DATA_ROOT, RUN_DIR / RUNS_ROOT, train.resume=auto). SIGTERM makes the ranks write a checkpoint
+# before they stop (Ctrl-C just stops them); running the same command again resumes.
 set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
