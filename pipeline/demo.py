@@ -46,7 +46,8 @@ def make_dataset(out: Path, classes: int, images_per_class: int, size: int, seed
     shards = out / "shards"
     if not (shards / "manifest.json").exists():
         _stage(f"generating the synthetic fine-grained dataset ({classes} classes x {images_per_class} images, {size}px)")
-        synthetic_cub.generate(raw, classes=classes, images_per_class=images_per_class, size=size, seed=seed)
+        synthetic_cub.generate(raw, classes=classes, images_per_class=images_per_class, size=size, seed=seed,
+                               test_fraction=0.3)
         _stage(f"sharding it with the real CUB data-prep path -> {shards}")
         cub.prepare(raw, shards, overwrite=True, shard_size=16)
     else:
@@ -113,8 +114,8 @@ def write_report(out: Path, run_dir: Path, metrics: dict, baseline: Optional[dic
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "demo_out")
-    parser.add_argument("--classes", type=int, default=8)
-    parser.add_argument("--images-per-class", type=int, default=60)
+    parser.add_argument("--classes", type=int, default=9)
+    parser.add_argument("--images-per-class", type=int, default=120)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=2)
