@@ -93,3 +93,10 @@ common_overrides() {
     # A restarted or requeued job continues from run.dir/checkpoints/last.pt.
     echo "train.resume=${RESUME:-auto}"
 }
+
+# Address of a node of this job: SLURM's NodeAddr for it (the node name itself on most clusters).
+node_address() {
+    local addr
+    addr=$(scontrol show node "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+    echo "${addr:-$1}"
+}

@@ -118,16 +118,18 @@ def metrics(run_dir: Path) -> list:
 
 
 @pytest.mark.multiprocess
-def test_train_job_runs_two_rank_gloo_ddp_to_completion(cluster, tiny_shards, tmp_path):
+def test_train_job_runs_two_node_gloo_ddp_to_completion(cluster, tiny_shards, tmp_path):
+    """2 nodes x 1 CPU rank: srun starts a torchrun per node, c10d rendezvous on the first node."""
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     config = tiny_config(tmp_path, tiny_shards, run_dir)
-    (job,) = submit(cluster, ["train", config, "--gpus-per-node", "0", "--cpu-workers", "2", "--log-dir", logs],
-                    job_env(cluster))
+    (job,) = submit(cluster, ["train", config, "--nodes", "2", "--gpus-per-node", "0", "--cpu-workers", "1",
+                              "--log-dir", logs], job_env(cluster))
     assert cluster.wait(job, timeout=240) == "COMPLETED", _logs(logs)
     info = cluster.job(job)
-    assert info["ExitCode"] == "0:0" and info["NumNodes"] == "1"
+    assert info["ExitCode"] == "0:0" and info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
     log = (logs / f"stn-train-{job}.out").read_text()
-    assert "1 node(s) x 2 worker(s), launcher torchrun" in log and "finished with exit code 0" in log
+    assert "2 node(s) x 1 worker(s), launcher torchrun, rendezvous 127.0.0.1:" in log
+    assert "finished with exit code 0" in log
     rows = metrics(run_dir)
     setup = next(r for r in rows if r["split"] == "setup")
     assert setup["world_size"] == 2 and setup["device"] == "cpu"
@@ -210,7 +212,7 @@ def test_sweep_job_runs_ray_head_and_tiny_sweep_then_stops_ray(cluster, tiny_sha
                               "--cpus-per-task", "2", "--log-dir", logs], env)
     assert cluster.wait(job, timeout=300) == "COMPLETED", _logs(logs)
     log = (logs / f"stn-sweep-{job}.out").read_text()
-    assert f"ssh -N -L 8265:127.0.0.1:{dashboard} -J login.example.org localhost" in log
+    assert f"ssh -N -L 8265:127.0.0.1:{dashboard} -J login.example.org n1" in log
     assert "sweep finished with exit code 0" in log and "stopping Ray" in log
     with open(storage / "tiny_cpu" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
