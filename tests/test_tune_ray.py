@@ -265,9 +265,11 @@ def test_two_worker_trial_is_one_ddp_job_with_reduced_metrics(ray_env, ray_head,
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-5000:]
-    assert "world size 2 on cpu" in out  # the trainer's own line: 2 ranks, gloo (CPU) process group
+    assert "world size 2 on cpu" in out  # the trainer's own line
     exp_dir = tmp_path / "sweeps" / "ddp"
     (row,) = _read_trials(exp_dir)
+    (start,) = [json.loads(line) for line in (exp_dir / "runs" / row["trial"] / "trial_starts.jsonl").read_text().splitlines()]
+    assert start["world_size"] == 2 and start["backend"] == "gloo"  # the process group Ray Train set up
     assert row["status"] == "finished" and int(row["step"]) == 4
     (result_file,) = exp_dir.glob("*/result.json")
     reports = [json.loads(line) for line in result_file.read_text().splitlines()]

@@ -64,10 +64,14 @@ def trainer_last_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def _record_start(run_dir: Path, resume_from: Optional[str], source: str) -> None:
+    import torch.distributed as dist
+
+    group = dist.is_available() and dist.is_initialized()  # Ray Train's, in a DDP trial
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / STARTS_FILE, "a") as f:
-        f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "resume_from": resume_from,
-                            "source": source}) + "\n")
+        f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "resume_from": resume_from, "source": source,
+                            "world_size": dist.get_world_size() if group else 1,
+                            "backend": dist.get_backend() if group else None}) + "\n")
 
 
 def _resolve_config(plan: TrialPlan, params: Dict[str, Any], run_dir: Path, resume: Optional[Path]):
