@@ -193,25 +193,32 @@ def test_signalled_train_job_checkpoints_requeues_and_resumes(cluster, tiny_shar
     assert (run_dir / "checkpoints" / "last.pt").is_file()
 
 
-def test_sweep_job_runs_ray_head_and_tiny_sweep_then_stops_ray(cluster, tiny_shards, tmp_path):
+def test_sweep_job_runs_ray_head_and_worker_and_tiny_sweep_then_stops_ray(cluster, tiny_shards, tmp_path):
+    """2 nodes: Ray head on n1, a Ray worker on n2 (both this machine), a one-trial sweep, Ray stopped."""
     need((Path(PYTHON).parent / "ray").is_file(), "the Ray CLI beside this Python (the 'tune' extra)")
     logs, storage = tmp_path / "logs", tmp_path / "sweeps"
     dashboard = free_port()
-    # Ray's token auth stays on with a throwaway token (not ~/.ray/auth_token); own ports so that
-    # another Ray on this machine does not collide with the job's.
-    ports = " ".join(f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "ray-client-server-port",
-        "runtime-env-agent-port"))
+
+    def own_ports(*names: str) -> str:
+        return " ".join(f"--{name}={free_port()}" for name in names)
+
+    # Ray's token auth stays on with a throwaway token (not ~/.ray/auth_token). Own ports for each
+    # node: here both Ray nodes and any other Ray of this machine share one network address.
+    agent_ports = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                   "runtime-env-agent-port")
     env = job_env(cluster, RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
                   RAY_DASHBOARD_PORT=str(dashboard), RAY_PORT=str(free_port()), LOGIN_HOST="login.example.org",
-                  RAY_START_ARGS=f"--disable-usage-stats {ports}", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+                  RAY_START_ARGS="--disable-usage-stats",
+                  RAY_HEAD_ARGS=own_ports(*agent_ports, "ray-client-server-port"),
+                  RAY_WORKER_ARGS=own_ports(*agent_ports), RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
     env.pop("RAY_ADDRESS", None)
     one_trial = 'space={"optim.lr": {"type": "grid", "values": [0.001]}}'  # no scheduler for one trial
     (job,) = submit(cluster, ["sweep", "configs/sweeps/tiny_cpu.yaml", f"data.root={tiny_shards}",
                               f"storage_path={storage}", "train.max_steps=2", one_trial, "scheduler=none",
-                              "--cpus-per-task", "2", "--log-dir", logs], env)
+                              "--nodes", "2", "--cpus-per-task", "2", "--log-dir", logs], env)
     assert cluster.wait(job, timeout=300) == "COMPLETED", _logs(logs)
     log = (logs / f"stn-sweep-{job}.out").read_text()
+    assert "Ray nodes up: 2 of 2" in log and "/4 CPUs" in log  # the worker's 2 CPUs joined the head's
     assert f"ssh -N -L 8265:127.0.0.1:{dashboard} -J login.example.org n1" in log
     assert "sweep finished with exit code 0" in log and "stopping Ray" in log
     with open(storage / "tiny_cpu" / "trials.csv") as f:
