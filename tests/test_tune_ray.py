@@ -278,3 +278,20 @@ def test_two_worker_trial_is_one_ddp_job_with_reduced_metrics(ray_env, ray_head,
     assert [r["step"] for r in reports] == [2, 4]
     assert all(r["num_samples"] == manifest["splits"]["test"]["num_samples"] for r in reports)
     assert all(0.0 <= r["top1"] <= 1.0 for r in reports)
+
+
+def test_failed_trial_is_retried_then_reported_as_error(ray_env, ray_head, shards, tmp_path):
+    env, _ = ray_env
+    # lr 1e6 makes the loss non-finite within a few steps: the trainer raises, Tune retries once.
+    sweep = _sweep_file(tmp_path, shards, name="fails", scheduler="none", max_failures=1,
+                        space={"optim.lr": {"type": "choice", "values": [1.0e6]}}, num_trials=1,
+                        set={"optim.name": "sgd"})
+    run = subprocess.run([PYTHON, "-m", "pipeline.tune", "--config", str(sweep), "--address", ray_head],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    (row,) = _read_trials(tmp_path / "sweeps" / "fails")
+    assert row["status"] == "error" and "non-finite loss" in row["error"], row
+    starts = (tmp_path / "sweeps" / "fails" / "runs" / row["trial"] / "trial_starts.jsonl").read_text().splitlines()
+    assert len(starts) == 2  # the first attempt and max_failures=1 retry ...
+    assert json.loads(starts[1])["resume_from"]  # ... from the checkpoint the first attempt wrote
+    assert not (tmp_path / "sweeps" / "fails" / "best_config.yaml").exists()

@@ -246,6 +246,14 @@ def _tune_statuses(exp_dir: Path) -> Dict[str, str]:
         return {}
 
 
+def _error_line(error: Any) -> str:
+    """The exception's own message: the last line of Ray's error text (the first is Ray's frame)."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
 def _number(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -273,7 +281,7 @@ def trial_rows(sweep: SweepConfig, results) -> List[Dict[str, Any]]:
             "step": step,
             "max_steps": cfg.train.max_steps,
             "status": _status(statuses.get(trial_id), res.error, step, cfg.train.max_steps),
-            "error": str(res.error).splitlines()[0][:200] if res.error is not None else "",
+            "error": _error_line(res.error),
         })
     return sorted(rows, key=lambda r: r["trial"])
 
