@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import Config, per_rank_batch, save_config, to_dict
@@ -144,7 +145,8 @@ class Trainer:
         self.task = getattr(model, "task", "classification")
         if cfg.train.sync_bn and env.distributed:
             if env.device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                # timm's converter keeps BatchNormAct2d's activation; torch's would drop it silently.
+                model = timm_convert_sync_batchnorm(model)
             elif env.is_main:
                 log.warning("train.sync_bn=true ignored: SyncBatchNorm needs CUDA; each rank keeps its own statistics")
         self.memory_format = torch.channels_last if cfg.train.channels_last and env.device.type == "cuda" \
