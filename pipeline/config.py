@@ -104,12 +104,6 @@ class RunConfig:
 
 
 @dataclass
-class TuneConfig:
-    """Settings a trainer needs when it runs inside a Ray Tune trial (set by pipeline.tune)."""
-    report_every_eval: bool = True
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,7 +111,6 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # Sections whose values are free-form mappings: their keys are not checked against a schema.
