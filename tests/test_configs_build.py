@@ -12,7 +12,6 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.models import build_model
-from test_spatial_transformer import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "sweeps" not in p.relative_to(REPO / "configs").parts)

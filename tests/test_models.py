@@ -8,7 +8,6 @@ import torch
 from pipeline.models import create_model, list_models
 from pipeline.models.localisation import TrunkLocalisation
 from pipeline.models.spatial_transformer import SpatialTransformer, tiling_windows, window_boxes, window_theta
-from test_spatial_transformer import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 # Small settings per model family: tiny timm test models, small inputs, thin SVHN nets.
 SMALL = {

@@ -11,15 +11,6 @@ from pipeline.models.spatial_transformer import (
     tiling_windows, warp, warp_many, window_boxes, window_theta)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra intra-op threads only fight the other test processes for the 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _image(b=2, c=3, h=9, w=11, dtype=torch.float32, seed=0):
     return torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

@@ -23,12 +23,11 @@ import torch.multiprocessing as mp
 from pipeline.config import load_config
 from pipeline.train.distributed import setup
 from pipeline.train.trainer import Trainer
-from test_train_helpers import TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from test_train_helpers import TINY_MODEL
 
 GLOBAL_BATCH = 8
 ATOL, RTOL = 1e-6, 1e-5
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_batch():

@@ -43,11 +43,3 @@ def explain(result: subprocess.CompletedProcess) -> str:
     return "\n".join(errors[:20]) + "\n--- stderr tail ---\n" + result.stderr[-2000:]
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training with one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1):
-    extra threads only thrash on a busy 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -10,7 +10,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.models import build_model
 from pipeline.train.optim import build_optimizer, build_schedule, lr_multiplier, lrs_by_role, param_groups
-from test_train_helpers import TINY_MODEL, one_thread  # noqa: F401 (fixture)
+from test_train_helpers import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 # The paper's localisation lr: x1e-4 on CUB, x0.1 on SVHN. The CUB models are shrunk (tiny

@@ -14,11 +14,10 @@ from PIL import Image
 from pipeline.config import load_config, to_dict
 from pipeline.train import main
 from shard_fixtures import write_tiny_cub_shards
-from test_train_helpers import explain, run_cli, tiny_run, one_thread  # noqa: F401 (fixture)
+from test_train_helpers import explain, run_cli, tiny_run
 
 MAX_STEPS = 6
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import main, run
 from pipeline.train.distributed import launch_info, planned_world_size
 from shard_fixtures import write_tiny_cub_shards
-from test_train_helpers import tiny_run, one_thread  # noqa: F401 (fixture)
+from test_train_helpers import tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_torchrun_environment_wins_over_slurm():
