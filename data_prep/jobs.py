@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import DataPrepError
-from .shards import FORMAT_VERSION, partial_files, shard_name, write_json_atomic, write_shard
+from .shards import FORMAT_VERSION, fsync_files, partial_files, shard_name, write_json_atomic, write_shard
 
 STATE_DIR = ".data_prep"
 SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
@@ -159,6 +159,7 @@ def run_plan(out: str | Path, plan: Plan, build: Callable[[ShardSpec, bool], Sha
               "(or --finalize-only) writes the manifest", file=sys.stderr)
         return None
     manifest = _manifest(out, plan)
+    fsync_files(out / spec.name for spec in plan.specs)  # the manifest vouches for them: on disk first
     write_json_atomic(out / "manifest.json", manifest)
     _warn_skipped(manifest["skipped"])
     return manifest
@@ -201,8 +202,9 @@ class _Progress:
 
 def _write_one(out: Path, spec: ShardSpec, build, strict: bool) -> str:
     samples, skipped = build(spec, strict)
-    entry = write_shard(out / spec.name, samples)  # `skipped` fills up while samples are consumed
-    # not fsynced: if a power cut loses it, the shard is simply written again
+    # Neither file is fsynced here: shards are flushed together before the manifest is written,
+    # and a shard a power cut truncated has the wrong size, so `_complete` has it written again.
+    entry = write_shard(out / spec.name, samples, durable=False)  # `skipped` fills up as samples are consumed
     write_json_atomic(_state_file(out, spec), {"entry": entry, "skipped": skipped}, durable=False)
     return spec.name
 

@@ -33,10 +33,11 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
 
 
-def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
+def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]], durable: bool = True) -> Dict[str, Any]:
     """Write webdataset samples ({"__key__": ..., "jpg": bytes, "cls": int, "json": dict}) to `path`.
 
-    Returns the manifest entry {"name", "num_samples", "bytes", "sha256"}.
+    Returns the manifest entry {"name", "num_samples", "bytes", "sha256"}. durable=False leaves the
+    fsync to the caller (`fsync_files` before the manifest), so the disk writes overlap the work.
     """
     path = Path(path)
     tmp = _tmp_path(path)
@@ -50,12 +51,23 @@ def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]]) -> Dict[str
             # end of archive: two zero blocks, padded to whole 10 KiB records as tarfile's stream mode does
             stream.write(bytes(-(stream.size + 2 * _BLOCK) % _RECORD + 2 * _BLOCK))
             raw.flush()
-            os.fsync(raw.fileno())
+            if durable:
+                os.fsync(raw.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return {"name": path.name, "num_samples": count, "bytes": stream.size, "sha256": stream.sha.hexdigest()}
+
+
+def fsync_files(paths: Iterable[str | Path]) -> None:
+    """Flush written files to disk (by then the kernel has written most of them back already)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class _HashingWriter:
