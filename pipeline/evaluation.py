@@ -124,6 +124,19 @@ class _Scorer:
         return out
 
 
+def _logits_and_boxes(net: nn.Module, x: torch.Tensor, num_streams: int):
+    """Logits and, for attention models, their windows (B, N, 4).
+
+    Models that can classify their own crops (`classify`, the N x ST-CNN) run the localisation
+    net once for both; the others are called twice (their localisation nets are small).
+    """
+    if not num_streams:
+        return net(x), None
+    attention = net.attend(x)
+    logits = net.classify(attention["crops"]) if hasattr(net, "classify") else net(x)
+    return logits, attention["boxes"].float()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, device, rank: int = 0,
              world_size: int = 1, max_samples: Optional[int] = None, batch_size: Optional[int] = None,
@@ -161,8 +174,7 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
                 images, targets, metas = images[:room], targets[:room], metas[:room]
             x = normalize(images.to(device, non_blocking=True), cfg.data.mean, cfg.data.std, channels_last)
             with autocast(device, precision):
-                logits = net(x)
-                boxes = net.attend(x)["boxes"].float() if num_streams else None
+                logits, boxes = _logits_and_boxes(net, x, num_streams)
             scorer.add_batch(logits, targets.to(device), boxes, metas)
     finally:
         net.train(was_training)
