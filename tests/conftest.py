@@ -45,6 +45,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def stop_process(proc, timeout: float) -> None:
+    """SIGTERM, wait up to `timeout` seconds for a clean shutdown, then SIGKILL."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def subprocess_env(**extra: str) -> dict:
     """Environment for child processes (torchrun, python -m ...) that import this checkout."""
     env = dict(os.environ)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from conftest import stop_process
+
 # Two SLURM nodes, both this machine: one slurmd each (own port, spool, log), reached at 127.0.0.1
 # (NodeAddr), so that multi-node job scripts (srun over nodes, a rendezvous on the first node, Ray
 # workers on the others) run for real without the names having to resolve.
@@ -147,12 +149,7 @@ class SlurmCluster:
             proc = self.daemons.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=20)
 
     def __enter__(self) -> "SlurmCluster":
         return self

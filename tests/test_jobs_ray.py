@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, need, subprocess_env
+from conftest import PYTHON, REPO, need, stop_process, subprocess_env
 from shard_fixtures import write_tiny_cub_shards
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.multiprocess]
@@ -69,12 +69,7 @@ def ray_head(tmp_path_factory):
     finally:
         # SIGTERM to `ray start --block` alone: it stops the Ray processes it started in seconds
         # (signalling its whole process group makes the same shutdown take a minute).
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        stop_process(head, timeout=90)
         try:
             os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session left behind
         except ProcessLookupError:
