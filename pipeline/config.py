@@ -89,6 +89,7 @@ class TrainConfig:
     cpu_autocast: bool = False             # CPU: honour precision=bf16 (default: fp32 on CPU)
     channels_last: bool = True
     compile: bool = False
+    compile_mode: Optional[str] = None     # torch.compile mode when compile=true; null = torch's default
     sync_bn: bool = False
     ddp_bucket_cap_mb: int = 25
     log_every: int = 20
@@ -189,6 +190,10 @@ _CHOICES = {
 }
 
 
+# torch.compile's modes (null: its default, the quickest to compile).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     section, key = dotted.split(".")
     return getattr(getattr(cfg, section), key)
@@ -217,6 +222,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"model.transform_scale={m.transform_scale} must be in (0, 1]")
     if t.resume not in (None, "auto") and not str(t.resume).endswith(".pt"):
         raise ConfigError(f"train.resume={t.resume!r} must be null, 'auto' or a checkpoint path ending in .pt")
+    if t.compile_mode is not None:
+        if t.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"train.compile_mode={t.compile_mode!r} is not one of null, {', '.join(COMPILE_MODES)}")
+        if not t.compile:
+            raise ConfigError(f"train.compile_mode={t.compile_mode!r} needs train.compile=true")
     if t.micro_batch_size is not None and t.micro_batch_size <= 0:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be positive")
     for role, scale in cfg.optim.lr_scale.items():

@@ -32,6 +32,16 @@ def test_impossible_values_name_the_key(override, key):
         load_config(None, [override])
 
 
+def test_compile_mode_is_checked_and_needs_compile():
+    assert load_config(None, []).train.compile_mode is None  # torch.compile's own default
+    cfg = load_config(None, ["train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs"])
+    assert cfg.train.compile_mode == "max-autotune-no-cudagraphs"
+    with pytest.raises(ConfigError, match=r"train\.compile_mode='fastest' is not one of null, default"):
+        load_config(None, ["train.compile=true", "train.compile_mode=fastest"])
+    with pytest.raises(ConfigError, match=r"train\.compile_mode='default' needs train\.compile=true"):
+        load_config(None, ["train.compile_mode=default"])
+
+
 def test_batch_split_over_ranks():
     cfg = load_config(None, ["train.global_batch_size=256", "train.micro_batch_size=32"])
     assert per_rank_batch(cfg, 4) == (32, 2)

@@ -167,7 +167,7 @@ class Trainer:
             model = DDP(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
                         bucket_cap_mb=t.ddp_bucket_cap_mb, gradient_as_bucket_view=True)
         if t.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=t.compile_mode)
         return model
 
     def seed_rngs(self, seed: int) -> None:
