@@ -229,3 +229,16 @@ def test_nxst_vmapped_streams_refuse_sync_batchnorm():
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     with pytest.raises(ValueError, match="stream_mode='vmap'.*sync_bn"):
         model(_input(SMALL["nxst_cnn"]))
+
+
+def test_model_extra_reaches_the_nxst_model_and_a_wrong_key_is_named():
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    small = ["model.name=nxst_cnn", "model.backbone=resnet10t", "model.input_size=64", "model.crop_size=32",
+             "model.pretrained=null"]
+    model = build_model(load_config(None, [*small, "model.extra.stream_mode=vmap"]).model)
+    assert model.stream_mode == "vmap"
+    with pytest.raises(TypeError, match="stream_mod"):
+        build_model(load_config(None, [*small, "model.extra.stream_mod=vmap"]).model)
+    with pytest.raises(ValueError, match=r"model\.extra\.width is not an argument of model 'cub_baseline'"):
+        build_model(load_config(None, ["model.name=cub_baseline", "model.extra.width=2"]).model)

@@ -49,8 +49,10 @@ def build_model(model_cfg: Any) -> nn.Module:
     factory = _REGISTRY[model_cfg.name]
     accepted = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in vars(model_cfg).items() if k in accepted and k not in ("name", "extra")}
+    # A factory with **kwargs passes them on (nxst_cnn -> NxSTCNN): the model itself names a wrong one.
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     for key in model_cfg.extra:
-        if key not in accepted:
+        if key not in accepted and not open_ended:
             raise ValueError(f"model.extra.{key} is not an argument of model '{model_cfg.name}'; "
                              f"it takes: {', '.join(accepted)}")
     kwargs.update(model_cfg.extra)
