@@ -3,20 +3,29 @@
     .venv/bin/python benchmarks/bench_train_step.py                       # CPU: resnet10t, 224 -> 112 crops
     .venv/bin/python benchmarks/bench_train_step.py --device cuda         # GPU: inception_v3, 448 -> 224, bf16
     .venv/bin/python benchmarks/bench_train_step.py --backbone resnet10t --input-size 128 --streams 2 4
+    .venv/bin/python benchmarks/bench_train_step.py --device cuda --compile --streams 2   # torch.compile'd variants
 
 Each variant is the trainer's own step (`Trainer.train_step`: normalise, forward, loss, backward,
 optimiser, schedule; channels_last and bf16 autocast on CUDA) on a fixed uint8 batch, so data
 loading is not timed. Measured in rounds that alternate the variants (machine load hits each alike):
   nxst N     nxst_cnn with N streams at --input-size, crops of --crop-size
   backbone   the bare backbone classifier (cub_baseline) on --crop-size images, same batch size
-and the figure of merit is  ratio = step(nxst N) / ((N + 1) x step(backbone)):  the N streams plus
+(with --stream-mode vmap also nxst N_vmap: the streams as one torch.func.vmap call; with --compile
+every variant runs under torch.compile (train.compile=true, --compile-mode) and its name ends in
+_compiled, so the ratio compares like with like), and the figure of merit is
+ratio = step(nxst N) / ((N + 1) x step(backbone)):  the N streams plus
 the localisation trunk are N+1 backbone passes at the crop size, so 1.0 means the transformers
 cost nothing beyond them (plain PyTorch reference on GPU: 1.06 for N=2, 1.10 for N=4). Step times
 are wall time on GPU; on CPU they are the process's CPU time with one thread (neighbours on a
 shared machine inflate wall time, not that), and wall times are reported beside them.
-Peak memory, in a fresh process that builds only that variant and trains 3 steps:
-torch.cuda.max_memory_allocated on GPU; on CPU the peak RSS (VmHWM) and that peak minus the RSS
-after the imports.
+The warm-up steps are timed one by one (`warmup_step_s`); for compiled variants `compile_s` is
+their sum minus as many steady steps: the compile time. Each variant's line is printed as soon as
+its warm-up ends, so a run cut short by a timeout still shows the compile times reached.
+Peak memory (--memory auto: in-process on GPU, a fresh process on CPU): in-process, the bytes the
+variant allocated when built plus torch.cuda.max_memory_allocated over its warm-up above what was
+allocated before it (the other variants' weights are not counted); in a fresh process that builds
+only that variant and trains 3 steps, torch.cuda.max_memory_allocated on GPU, and on CPU the peak
+RSS (VmHWM) and that peak minus the RSS after the imports.
 """
 from __future__ import annotations
 
@@ -45,17 +54,34 @@ GPU_DEFAULTS = {"backbone": "inception_v3", "input_size": 448, "crop_size": 224,
 CPU_DEFAULTS = {"backbone": "resnet10t", "input_size": 224, "crop_size": 112, "batch": 8}
 
 
-def make_trainer(args, device: torch.device, streams: int):
+def variant_name(streams: int, stream_mode: str = "loop", compiled: bool = False) -> str:
+    name = f"nxst{streams}" if streams else "backbone"
+    if streams and stream_mode != "loop":
+        name += f"_{stream_mode}"
+    return name + ("_compiled" if compiled else "")
+
+
+def variant_overrides(args, streams: int, stream_mode: str = "loop") -> list:
+    """Config overrides of one variant (streams 0 = the bare backbone at the crop size)."""
+    size = args.input_size if streams else args.crop_size
+    model = ["model.name=nxst_cnn", f"model.num_streams={streams}", "optim.lr_scale.localisation=1e-4",
+             f"model.extra.stream_mode={stream_mode}"] if streams else ["model.name=cub_baseline"]
+    compiled = ["train.compile=true"] + ([f"train.compile_mode={args.compile_mode}"] if args.compile_mode else []) \
+        if args.compile else []
+    return [*model, f"model.backbone={args.backbone}", f"model.input_size={size}",
+            f"model.crop_size={args.crop_size}", "model.pretrained=null",
+            f"train.global_batch_size={args.batch}", f"train.precision={args.precision}",
+            f"train.device={args.device}", *compiled]
+
+
+def make_trainer(args, device: torch.device, streams: int, stream_mode: str = "loop"):
     """(world-size-1 trainer, fixed uint8 batch) for `streams` streams (0 = the bare backbone at the crop size)."""
     size = args.input_size if streams else args.crop_size
-    model = ["model.name=nxst_cnn", f"model.num_streams={streams}", "optim.lr_scale.localisation=1e-4"] \
-        if streams else ["model.name=cub_baseline"]
-    cfg = load_config(None, [*model, f"model.backbone={args.backbone}", f"model.input_size={size}",
-                             f"model.crop_size={args.crop_size}", "model.pretrained=null",
-                             f"train.global_batch_size={args.batch}", f"train.precision={args.precision}",
-                             f"train.device={device.type}"])
+    cfg = load_config(None, variant_overrides(args, streams, stream_mode))
     trainer = Trainer(cfg, DistEnv(0, 1, 0, device, owns_group=False))
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     trainer.build_model_and_optimiser()
+    trainer.built_bytes = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
     images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
     targets = torch.randint(0, cfg.model.num_classes, (args.batch,))
     if device.type == "cuda":
@@ -88,11 +114,14 @@ def _proc_status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def peak_memory(args, streams: int) -> dict:
+def peak_memory(args, streams: int, stream_mode: str = "loop") -> dict:
     """Peak memory of a fresh process that builds only this variant and trains 3 steps."""
     cmd = [sys.executable, __file__, "--memory-child", str(streams), "--backbone", args.backbone,
            "--input-size", str(args.input_size), "--crop-size", str(args.crop_size), "--batch", str(args.batch),
-           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision]
+           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision,
+           "--stream-mode", stream_mode]
+    if args.compile:
+        cmd += ["--compile"] + (["--compile-mode", args.compile_mode] if args.compile_mode else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -102,7 +131,7 @@ def memory_child(args) -> None:
     after the imports (the variant's own footprint)."""
     imported = _proc_status_mb("VmRSS")
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
-    variant = make_trainer(args, device, args.memory_child)
+    variant = make_trainer(args, device, args.memory_child, args.stream_mode[0])
     timed_steps(variant, 3)
     if device.type == "cuda":
         print(json.dumps({"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}))
@@ -111,11 +140,34 @@ def memory_child(args) -> None:
         print(json.dumps({"peak_rss_mb": peak, "peak_rss_over_imports_mb": peak - imported}))
 
 
+def warm_up(name: str, variant, steps: int) -> dict:
+    """Time the first `steps` steps one by one (they include torch.compile's compile) and, on CUDA,
+    the variant's peak memory (see the module docstring)."""
+    trainer = variant[0]
+    device = trainer.env.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    times = [timed_steps(variant, 1)[0] for _ in range(steps)]
+    row = {"warmup_step_s": times}
+    if device.type == "cuda":
+        row["inproc_peak_memory_mb"] = (trainer.built_bytes + torch.cuda.max_memory_allocated(device) - before) / 2**20
+    print(f"{name}: warm-up steps " + ", ".join(f"{t:.2f}" for t in times) + " s"
+          + (f", peak {row['inproc_peak_memory_mb']:.0f} MiB" if "inproc_peak_memory_mb" in row else ""), flush=True)
+    return row
+
+
 def measure(args, device: torch.device) -> dict:
-    variants = {"backbone": 0, **{f"nxst{n}": n for n in args.streams}}
-    trainers = {name: make_trainer(args, device, n) for name, n in variants.items()}
-    for trainer in trainers.values():
-        timed_steps(trainer, args.warmup)
+    variants = {variant_name(0, compiled=args.compile): (0, "loop")}
+    for n in args.streams:
+        for mode in args.stream_mode:
+            variants[variant_name(n, mode, args.compile)] = (n, mode)
+    trainers, warm = {}, {}
+    for name, (n, mode) in variants.items():  # built and warmed up one after another: compile times apart
+        trainers[name] = make_trainer(args, device, n, mode)
+        warm[name] = warm_up(name, trainers[name], args.warmup)
+    backbone = variant_name(0, compiled=args.compile)
     wall = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleaved so that load changes hit every variant alike
@@ -127,17 +179,28 @@ def measure(args, device: torch.device) -> dict:
     basis = wall if device.type == "cuda" else cpu
     step = {name: statistics.median(t) for name, t in basis.items()}
     results = {}
-    for name, n in variants.items():
-        row = {"streams": n, "precision": trainers[name][0].precision, "timed": "wall" if basis is wall else "cpu",
+    for name, (n, mode) in variants.items():
+        row = {"streams": n, "stream_mode": mode if n else None, "compiled": args.compile,
+               "precision": trainers[name][0].precision, "timed": "wall" if basis is wall else "cpu",
                "step_s": step[name], "images_per_s": args.batch / step[name],
                "wall_step_s": statistics.median(wall[name]), "wall_step_s_all_rounds": wall[name],
                "cpu_step_s_all_rounds": cpu[name]}
+        row.update(warm[name])
+        if args.compile:
+            row["compile_s"] = sum(row["warmup_step_s"]) - len(row["warmup_step_s"]) * row["wall_step_s"]
         if n:
-            row["ratio_to_n_plus_1_backbone_steps"] = step[name] / ((n + 1) * step["backbone"])
+            row["ratio_to_n_plus_1_backbone_steps"] = step[name] / ((n + 1) * step[backbone])
             # Per round too: neighbours in time share the machine's state, so their spread is honest.
-            row["ratio_all_rounds"] = [t / ((n + 1) * b) for t, b in zip(basis[name], basis["backbone"])]
-        row.update(peak_memory(args, n))
+            row["ratio_all_rounds"] = [t / ((n + 1) * b) for t, b in zip(basis[name], basis[backbone])]
         results[name] = row
+    # In-process figures exist on CUDA only; CPU's RSS needs a fresh process per variant.
+    memory = "inproc" if args.memory == "auto" and device.type == "cuda" else args.memory
+    memory = "child" if memory in ("auto", "inproc") and device.type != "cuda" else memory
+    for name, (n, mode) in variants.items():  # after the timing, so a slow child costs only its own time
+        if memory == "inproc":
+            results[name]["peak_memory_mb"] = results[name]["inproc_peak_memory_mb"]
+        elif memory == "child":
+            results[name].update(peak_memory(args, n, mode))
     return results
 
 
@@ -154,6 +217,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable on a shared machine)")
+    parser.add_argument("--stream-mode", nargs="+", choices=["loop", "vmap"], default=["loop"],
+                        help="model.extra.stream_mode of the nxst variants (several: one variant each)")
+    parser.add_argument("--compile", action="store_true", help="every variant under torch.compile (train.compile)")
+    parser.add_argument("--compile-mode", default=None, help="train.compile_mode (default: torch's default)")
+    parser.add_argument("--memory", choices=["auto", "inproc", "child", "none"], default="auto",
+                        help="peak memory: auto = inproc on GPU, child (a fresh process per variant) on CPU")
     parser.add_argument("--json", default=None, help="default: runs/bench_train_step_<device>.json")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,14 +246,18 @@ def main() -> None:
                     "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "settings": {k: getattr(args, k) for k in ("device", "backbone", "input_size", "crop_size", "batch",
-                                                    "streams", "precision", "steps", "rounds", "warmup")},
+                                                    "streams", "stream_mode", "compile", "compile_mode",
+                                                    "precision", "steps", "rounds", "warmup", "memory")},
         "results": results,
     }
     for name, row in results.items():
         extra = f"  ratio {row['ratio_to_n_plus_1_backbone_steps']:.3f}" if row["streams"] else ""
+        if "compile_s" in row:
+            extra += f"  compile {row['compile_s']:.1f} s"
         memory = row.get("peak_memory_mb", row.get("peak_rss_over_imports_mb"))
-        print(f"{name:9s} step {row['step_s'] * 1000:8.1f} ms ({row['timed']})  {row['images_per_s']:8.1f} img/s  "
-              f"peak {memory:8.1f} MiB{extra}")
+        memory = f"{memory:8.1f} MiB" if memory is not None else "     n/a"
+        print(f"{name:16s} step {row['step_s'] * 1000:8.1f} ms ({row['timed']})  {row['images_per_s']:8.1f} img/s  "
+              f"peak {memory}{extra}")
     out = Path(args.json or REPO / "runs" / f"bench_train_step_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
