@@ -13,6 +13,11 @@ turn and `--repeats` times each (median reported):
   data_prep    `python -m data_prep cub --workers W` for each W (and `--check full` with one worker)
 and prints samples/s and each one's time over the read bound's (goal: <= 2 for data_prep with one
 worker), in wall-clock and in CPU seconds (user + system of the command and its children).
+
+--cache warm (default): the folder is in the page cache for every variant, the harshest bound
+(memory speed). --cache cold: the page cache is dropped before every variant (root only:
+`echo 1 > /proc/sys/vm/drop_caches`), so every variant reads from the disk, as a job on a
+cluster does with a dataset it has not read lately. --cache warm cold measures both in one run.
 """
 from __future__ import annotations
 
@@ -96,9 +101,11 @@ with open(out, "wb") as sink:
 """
 
 
-def timed(cmd, shell: bool = False) -> Tuple[float, float]:
+def timed(cmd, shell: bool = False, cold: bool = False) -> Tuple[float, float]:
     """(wall seconds, CPU seconds of the command and all its children: user + system)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    if cold:
+        drop_page_cache()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, shell=shell, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -107,11 +114,23 @@ def timed(cmd, shell: bool = False) -> Tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages back, then drop the clean ones, so the next command reads from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as err:
+        sys.exit(f"error: --cache cold needs to write /proc/sys/vm/drop_caches (root): {err.strerror}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=6000, help="images in the CUB-like root (default 6000)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm"],
+                        help="page cache state for every timed variant (see the top of this file)")
+    parser.add_argument("--skip-full", action="store_true", help="leave out the --check full variant")
     parser.add_argument("--json", default="runs/bench_data_prep.json")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -123,57 +142,73 @@ def main(argv=None) -> int:
         nbytes = sum(p.stat().st_size for p in (root / "images").rglob("*.jpg"))
         timed(f"tar cf - -C {root} images | cat > /dev/null", shell=True)  # warm the page cache
 
-        def data_prep(workers: int, check: str = "fast"):
+        def data_prep(workers: int, check: str, cold: bool):
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             return timed([sys.executable, "-m", "data_prep", "cub", "--root", str(root), "--out", str(out),
-                          "--workers", str(workers), "--check", check])
+                          "--workers", str(workers), "--check", check], cold=cold)
 
-        runs = {"read_bound": [], "tar_bound": [], "copy_floor": [], "plan_only": []}
-        variants = [(w, "fast") for w in args.workers] + [(1, "full")]
-        for w, check in variants:
-            runs[f"data_prep_w{w}_{check}"] = []
-        for _ in range(args.repeats):  # interleaved so that machine load hits every variant alike
-            runs["read_bound"].append(timed(f"tar cf - -C {root} images | cat > /dev/null", shell=True))
-            runs["tar_bound"].append(timed(["tar", "cf", str(work / "all.tar"), "-C", str(root), "images"]))
-            (work / "all.tar").unlink()
-            runs["copy_floor"].append(timed([sys.executable, "-c", COPY_FLOOR, str(root / "images"), str(work / "all.bin")]))
-            (work / "all.bin").unlink()
-            runs["plan_only"].append(timed([sys.executable, "-c", f"from data_prep import cub; cub.make_plan({str(root)!r})"]))
+        variants = [(w, "fast") for w in args.workers] + ([] if args.skip_full else [(1, "full")])
+        tables = {}
+        for cache in args.cache:
+            cold = cache == "cold"
+            runs = {"read_bound": [], "tar_bound": [], "copy_floor": [], "plan_only": []}
             for w, check in variants:
-                runs[f"data_prep_w{w}_{check}"].append(data_prep(w, check))
-        median = {name: statistics.median(wall for wall, _ in times) for name, times in runs.items()}
-        cpu = {name: statistics.median(c for _, c in times) for name, times in runs.items()}
-        rate = {name: args.images / t for name, t in median.items()}
-        prep = [k for k in runs if k.startswith("data_prep")]
+                runs[f"data_prep_w{w}_{check}"] = []
+            for _ in range(args.repeats):  # interleaved so that machine load hits every variant alike
+                runs["read_bound"].append(timed(f"tar cf - -C {root} images | cat > /dev/null", shell=True, cold=cold))
+                runs["tar_bound"].append(timed(["tar", "cf", str(work / "all.tar"), "-C", str(root), "images"], cold=cold))
+                (work / "all.tar").unlink()
+                runs["copy_floor"].append(timed([sys.executable, "-c", COPY_FLOOR, str(root / "images"),
+                                                 str(work / "all.bin")], cold=cold))
+                (work / "all.bin").unlink()
+                runs["plan_only"].append(timed([sys.executable, "-c", f"from data_prep import cub; cub.make_plan({str(root)!r})"],
+                                               cold=cold))
+                for w, check in variants:
+                    runs[f"data_prep_w{w}_{check}"].append(data_prep(w, check, cold))
+            tables[cache] = summarise(runs, args.images)
         result = {
             "command": "benchmarks/bench_data_prep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "load_avg_1m": os.getloadavg()[0]},
             "images": args.images, "megabytes": round(nbytes / 1e6, 1), "repeats": args.repeats,
-            "seconds_median": {k: round(v, 3) for k, v in median.items()},
-            "cpu_seconds_median": {k: round(v, 3) for k, v in cpu.items()},
-            "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
-            # how many times slower than each baseline (wall clock; and in CPU time, which a busy
-            # shared machine distorts less)
-            "slowdown_vs_read_bound": {k: round(median[k] / median["read_bound"], 2) for k in prep},
-            "slowdown_vs_tar_bound": {k: round(median[k] / median["tar_bound"], 2) for k in prep},
-            "slowdown_vs_copy_floor": {k: round(median[k] / median["copy_floor"], 2) for k in prep},
-            "cpu_slowdown_vs_read_bound": {k: round(cpu[k] / cpu["read_bound"], 2) for k in prep},
-            "cpu_slowdown_vs_tar_bound": {k: round(cpu[k] / cpu["tar_bound"], 2) for k in prep},
+            "page_cache": tables,
         }
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{'variant':<22}{'wall s':>9}{'samples/s':>11}{'x read bound':>14}{'CPU s':>9}{'x read CPU':>12}")
-    for name in median:
-        print(f"{name:<22}{median[name]:>9.3f}{rate[name]:>11.1f}{median[name] / median['read_bound']:>14.2f}"
-              f"{cpu[name]:>9.3f}{cpu[name] / cpu['read_bound']:>12.2f}")
+    for cache, table in tables.items():
+        print(f"page cache {cache}: {args.images} images, {nbytes / 1e6:.1f} MB")
+        print(f"{'variant':<22}{'wall s':>9}{'samples/s':>11}{'x read bound':>14}{'x tar bound':>13}{'CPU s':>9}{'x read CPU':>12}")
+        for name, wall in table["seconds_median"].items():
+            cpu = table["cpu_seconds_median"][name]
+            print(f"{name:<22}{wall:>9.3f}{table['samples_per_s'][name]:>11.1f}"
+                  f"{wall / table['seconds_median']['read_bound']:>14.2f}{wall / table['seconds_median']['tar_bound']:>13.2f}"
+                  f"{cpu:>9.3f}{cpu / table['cpu_seconds_median']['read_bound']:>12.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
     return 0
+
+
+def summarise(runs: dict, images: int) -> dict:
+    """Medians over the repeats and each data_prep variant's time over each baseline's."""
+    median = {name: statistics.median(wall for wall, _ in times) for name, times in runs.items()}
+    cpu = {name: statistics.median(c for _, c in times) for name, times in runs.items()}
+    prep = [k for k in runs if k.startswith("data_prep")]
+    return {
+        "seconds_median": {k: round(v, 3) for k, v in median.items()},
+        "cpu_seconds_median": {k: round(v, 3) for k, v in cpu.items()},
+        "samples_per_s": {k: round(images / v, 1) for k, v in median.items()},
+        # how many times slower than each baseline (wall clock; and in CPU time, which a busy
+        # shared machine distorts less)
+        "slowdown_vs_read_bound": {k: round(median[k] / median["read_bound"], 2) for k in prep},
+        "slowdown_vs_tar_bound": {k: round(median[k] / median["tar_bound"], 2) for k in prep},
+        "slowdown_vs_copy_floor": {k: round(median[k] / median["copy_floor"], 2) for k in prep},
+        "cpu_slowdown_vs_read_bound": {k: round(cpu[k] / cpu["read_bound"], 2) for k in prep},
+        "cpu_slowdown_vs_tar_bound": {k: round(cpu[k] / cpu["tar_bound"], 2) for k in prep},
+    }
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import DataPrepError
-from .shards import FORMAT_VERSION, fsync_files, partial_files, shard_name, write_json_atomic, write_shard
+from .shards import (FORMAT_VERSION, ShardWriter, fsync_files, partial_files, shard_name, write_json_atomic,
+                     write_shard)
 
 STATE_DIR = ".data_prep"
 SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
@@ -167,16 +168,48 @@ def run_plan(out: str | Path, plan: Plan, build: Callable[[ShardSpec, bool], Sha
 
 def _write_all(out: Path, todo: List[ShardSpec], build, opts: JobOptions) -> None:
     progress = _Progress(len(todo))
-    if opts.workers <= 1 or len(todo) <= 1:
+    # Each finished shard is flushed to disk on a thread while the next ones are written, so the
+    # fsync before the manifest finds them clean instead of waiting for all the writes at the end.
+    flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+    flushed = []
+
+    def written(name: str) -> None:
+        flushed.append(flusher.submit(fsync_files, [out / name]))
+        progress.done(name)
+
+    try:
+        if opts.workers <= 1 or len(todo) <= 1:
+            _write_in_thread(out, todo, build, opts.strict, written)
+        else:
+            _write_in_pool(out, todo, build, opts, written)
+    finally:
+        flusher.shutdown(wait=True)
+    for future in flushed:
+        future.result()  # an fsync error (e.g. EIO) stops the job before it writes the manifest
+
+
+def _write_in_thread(out: Path, todo: List[ShardSpec], build, strict: bool, done: Callable[[str], Any]) -> None:
+    """One process: this thread reads the images of shard k+1 while the writer thread finishes shard k."""
+    skipped_of: Dict[str, List[Dict[str, str]]] = {}
+
+    def written(entry: Dict[str, Any]) -> None:  # on the writer thread, once the shard is in place
+        _record(out, entry, skipped_of.pop(entry["name"]))
+        done(entry["name"])
+
+    with ShardWriter(durable=False, on_written=written) as writer:
         for spec in todo:
-            _write_one(out, spec, build, opts.strict)
-            progress.done(spec.name)
-        return
+            samples, skipped_of[spec.name] = build(spec, strict)  # `skipped` fills up as samples are read
+            writer.write(out / spec.name, samples)
+
+
+def _write_in_pool(out: Path, todo: List[ShardSpec], build, opts: JobOptions, done: Callable[[str], Any]) -> None:
+    from concurrent.futures import ProcessPoolExecutor  # ~10 ms of imports that one worker does not need
+
     pool = ProcessPoolExecutor(max_workers=opts.workers)
     futures = [pool.submit(_write_one, out, spec, build, opts.strict) for spec in todo]
     try:
         for future in as_completed(futures):
-            progress.done(future.result())  # re-raises the first error (e.g. --strict on a corrupt image)
+            done(future.result())  # re-raises the first error (e.g. --strict on a corrupt image)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # shards already started finish; no new ones
         raise
@@ -202,19 +235,23 @@ class _Progress:
 
 def _write_one(out: Path, spec: ShardSpec, build, strict: bool) -> str:
     samples, skipped = build(spec, strict)
-    # Neither file is fsynced here: shards are flushed together before the manifest is written,
-    # and a shard a power cut truncated has the wrong size, so `_complete` has it written again.
     entry = write_shard(out / spec.name, samples, durable=False)  # `skipped` fills up as samples are consumed
-    write_json_atomic(_state_file(out, spec), {"entry": entry, "skipped": skipped}, durable=False)
+    _record(out, entry, skipped)
     return spec.name
 
 
-def _state_file(out: Path, spec: ShardSpec) -> Path:
-    return out / STATE_DIR / "shards" / f"{spec.name[:-4]}.json"
+def _record(out: Path, entry: Dict[str, Any], skipped: List[Dict[str, str]]) -> None:
+    """Mark a shard complete. Neither file is fsynced here: shards are flushed before the manifest
+    is written, and a shard a power cut truncated has the wrong size, so `_complete` redoes it."""
+    write_json_atomic(_state_file(out, entry["name"]), {"entry": entry, "skipped": skipped}, durable=False)
+
+
+def _state_file(out: Path, shard: str) -> Path:
+    return out / STATE_DIR / "shards" / f"{shard[:-4]}.json"
 
 
 def _complete(out: Path, spec: ShardSpec) -> bool:
-    state, shard = _state_file(out, spec), out / spec.name
+    state, shard = _state_file(out, spec.name), out / spec.name
     if not (state.is_file() and shard.is_file()):
         return False
     try:
@@ -228,7 +265,7 @@ def _manifest(out: Path, plan: Plan) -> Dict[str, Any]:
     splits: Dict[str, Any] = {name: {"num_samples": 0, "shards": []} for name in plan.splits}
     skipped = list(plan.skipped)
     for spec in plan.specs:
-        record = json.loads(_state_file(out, spec).read_text())
+        record = json.loads(_state_file(out, spec.name).read_text())
         splits[spec.split]["shards"].append(record["entry"])
         splits[spec.split]["num_samples"] += record["entry"]["num_samples"]
         skipped.extend(record["skipped"])

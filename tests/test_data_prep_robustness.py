@@ -1,6 +1,7 @@
 """Bad input, interrupted jobs, pieces over several jobs, and verify: data_prep cub on real CUB samples."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -215,11 +216,14 @@ def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(cub_root, tmp_path):
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while not [p for p in out.glob(".train-000002.tar.partial-*") if p.stat().st_size > 0]:
+        while (writer := _open_fifo_writer(blocked)) is None:  # succeeds once the job opens the FIFO
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "job never reached shard train-000002"
             time.sleep(0.05)
+        # the job is inside shard train-000002, waiting for the bytes of its second image
+        assert list(out.glob(".train-000002.tar.partial-*"))
         proc.send_signal(signal.SIGKILL)
+        os.close(writer)
     finally:
         proc.kill()
         proc.wait()
@@ -239,6 +243,16 @@ def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(cub_root, tmp_path):
     assert resumed == uninterrupted
     assert shard_digests(resumed) == shard_digests(uninterrupted)
     assert verify(out)[0] == []
+
+
+def _open_fifo_writer(fifo: Path):
+    """A write end of `fifo`, or None while no process has it open for reading."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ENXIO:
+            return None
+        raise
 
 
 # ---- verify -------------------------------------------------------------------------------------

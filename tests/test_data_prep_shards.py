@@ -1,14 +1,16 @@
-"""data_prep.shards.write_shard: the same bytes as webdataset's TarWriter, with fixed tar times."""
+"""data_prep.shards: the same bytes as webdataset's TarWriter, with fixed tar times; the writer thread."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import tarfile
 
 import numpy as np
+import pytest
 
-from data_prep.shards import SHARD_MTIME, write_shard
+from data_prep.shards import SHARD_MTIME, ShardWriter, write_shard
 
 
 def test_shard_bytes_equal_webdataset_tarwriter_and_are_reproducible(tmp_path):
@@ -34,3 +36,52 @@ def test_shard_bytes_equal_webdataset_tarwriter_and_are_reproducible(tmp_path):
     assert [m.name for m in members][:3] == ["000001.cls", "000001.jpg", "000001.json"]
     assert {m.mtime for m in members} == {SHARD_MTIME}
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def _samples(count: int, size: int = 300_000, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [{"__key__": f"{i:06d}", "jpg": rng.bytes(size), "cls": i} for i in range(count)]
+
+
+def test_shard_writer_pipelines_several_shards_with_the_bytes_of_write_shard(tmp_path):
+    """Batches of ~1 MiB cross the thread boundary: 10 x 300 kB samples span several of them."""
+    shards = {f"s{i}.tar": _samples(10, seed=i) for i in range(3)}
+    entries = []
+    with ShardWriter(durable=False, on_written=entries.append) as writer:
+        for name, samples in shards.items():
+            writer.write(tmp_path / name, samples)
+    assert [e["name"] for e in entries] == list(shards)  # in order, each once
+    for entry, (name, samples) in zip(entries, shards.items()):
+        alone = write_shard(tmp_path / f"alone-{name}", samples)
+        assert entry == {**alone, "name": name}
+        assert (tmp_path / name).read_bytes() == (tmp_path / f"alone-{name}").read_bytes()
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_error_while_reading_samples_leaves_no_partial_file_and_keeps_finished_shards(tmp_path):
+    def broken():
+        yield from _samples(5)
+        raise ValueError("corrupt image 000005")
+
+    entries = []
+    with pytest.raises(ValueError, match="corrupt image 000005"):
+        with ShardWriter(durable=False, on_written=entries.append) as writer:
+            writer.write(tmp_path / "good.tar", _samples(4))
+            writer.write(tmp_path / "bad.tar", broken())
+    assert [e["name"] for e in entries] == ["good.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["good.tar"]  # no bad.tar, no temporary file
+
+
+def test_writer_error_reaches_the_caller_and_removes_the_temporary_file(tmp_path, monkeypatch):
+    """A failing write (here: ENOSPC from the file object) is raised in the caller's thread."""
+    real_open = open
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: FullDisk(path, "wb")
+                        if ".partial-" in str(path) else real_open(path, mode, *a, **k))
+    with pytest.raises(OSError, match="No space left"):
+        write_shard(tmp_path / "a.tar", _samples(20))  # 6 MB: the error comes while samples are still read
+    assert os.listdir(tmp_path) == []
