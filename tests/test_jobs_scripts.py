@@ -20,6 +20,7 @@ from shard_fixtures import write_tiny_cub_shards
 JOB_SCRIPTS = ["jobs/slurm/train.sbatch", "jobs/slurm/prep.sbatch", "jobs/slurm/sweep.sbatch",
                "jobs/local/train.sh", "jobs/common.sh", "jobs/cluster.env.example"]
 SUBMIT = str(REPO / "jobs" / "submit")
+SHELL_SCRIPTS = [*JOB_SCRIPTS, "benchmarks/gpu_all.sh"]  # shellcheck covers the benchmark script too
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def write_config(folder: Path, **sections) -> Path:
 
 def test_shellcheck_passes_on_every_job_script():
     shellcheck = need_program("shellcheck")
-    res = subprocess.run([shellcheck, "-x", "--severity=style", *JOB_SCRIPTS], cwd=REPO, capture_output=True,
+    res = subprocess.run([shellcheck, "-x", "--severity=style", *SHELL_SCRIPTS], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
 
