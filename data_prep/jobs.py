@@ -23,7 +23,7 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -168,24 +168,10 @@ def run_plan(out: str | Path, plan: Plan, build: Callable[[ShardSpec, bool], Sha
 
 def _write_all(out: Path, todo: List[ShardSpec], build, opts: JobOptions) -> None:
     progress = _Progress(len(todo))
-    # Each finished shard is flushed to disk on a thread while the next ones are written, so the
-    # fsync before the manifest finds them clean instead of waiting for all the writes at the end.
-    flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
-    flushed = []
-
-    def written(name: str) -> None:
-        flushed.append(flusher.submit(fsync_files, [out / name]))
-        progress.done(name)
-
-    try:
-        if opts.workers <= 1 or len(todo) <= 1:
-            _write_in_thread(out, todo, build, opts.strict, written)
-        else:
-            _write_in_pool(out, todo, build, opts, written)
-    finally:
-        flusher.shutdown(wait=True)
-    for future in flushed:
-        future.result()  # an fsync error (e.g. EIO) stops the job before it writes the manifest
+    if opts.workers <= 1 or len(todo) <= 1:
+        _write_in_thread(out, todo, build, opts.strict, progress.done)
+    else:
+        _write_in_pool(out, todo, build, opts, progress.done)
 
 
 def _write_in_thread(out: Path, todo: List[ShardSpec], build, strict: bool, done: Callable[[str], Any]) -> None:

@@ -47,6 +47,17 @@ def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]], durable: bo
     return entries[0]
 
 
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file to disk now, without waiting for it.
+
+    Linux's POSIX_FADV_DONTNEED starts the writeback of dirty pages (and drops only pages that are
+    already clean), so the fsync before the manifest finds the shards on disk: measured 0.01 s
+    instead of 0.2 s for 365 MB. Elsewhere the fsync does all the work.
+    """
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def fsync_files(paths: Iterable[str | Path]) -> None:
     """Flush written files to disk (by then the kernel has written most of them back already)."""
     for path in paths:
@@ -65,7 +76,8 @@ class ShardWriter:
     renames each finished shard into place and calls `on_written(entry)` (from that thread).
     sha256 and the write system call release the GIL, so one job keeps two cores busy, as
     `tar cf - | cat` does, and the caller moves on to the next shard while the last is finishing.
-    Bytes go over in batches of about 1 MiB; at most 8 batches wait, bounding the memory.
+    Bytes go over in contiguous batches of about 1 MiB (the writer thread then takes the GIL back
+    twice per MiB, not twice per member); at most 8 batches wait, bounding the memory.
     A writer error (disk full) is raised in the caller at its next `write` or at `close`; an
     error in the caller (a corrupt image under --strict) leaves no temporary file behind.
     """
@@ -83,20 +95,17 @@ class ShardWriter:
         self._raise_writer_error()
         path = Path(path)
         self._send("open", path)
-        batch: List[bytes] = []
-        batch_bytes = size = count = 0
+        batch, size, count = bytearray(), 0, 0
         for sample in samples:
-            for buffer in _sample_buffers(sample):
-                batch.append(buffer)
-                batch_bytes += len(buffer)
+            _append_sample(batch, sample)
             count += 1
-            if batch_bytes >= self._BATCH:
+            if len(batch) >= self._BATCH:
+                size += len(batch)
                 self._send("data", batch)
-                size += batch_bytes
-                batch, batch_bytes = [], 0
-        size += batch_bytes
+                batch = bytearray()
+        size += len(batch)
         # end of archive: two zero blocks, padded to whole 10 KiB records as tarfile's stream mode does
-        batch.append(bytes(-(size + 2 * _BLOCK) % _RECORD + 2 * _BLOCK))
+        batch += bytes(-(size + 2 * _BLOCK) % _RECORD + 2 * _BLOCK)
         self._send("data", batch)
         self._send("close", count)
 
@@ -137,15 +146,16 @@ class ShardWriter:
                 if command == "open":
                     path, tmp = value, _tmp_path(value)
                     raw, sha, size = open(tmp, "wb"), hashlib.sha256(), 0
-                elif command == "data":
-                    for buffer in value:
-                        sha.update(buffer)
-                        raw.write(buffer)
-                        size += len(buffer)
+                elif command == "data":  # one contiguous batch: two GIL-free calls per MiB
+                    sha.update(value)
+                    raw.write(value)
+                    size += len(value)
                 elif command == "close":
                     raw.flush()
                     if self.durable:
                         os.fsync(raw.fileno())
+                    else:
+                        _start_writeback(raw.fileno())
                     raw.close()
                     os.replace(tmp, path)
                     raw = None
@@ -161,35 +171,18 @@ class ShardWriter:
                     tmp.unlink(missing_ok=True)
 
 
-_SMALL = 8192
-
-
-def _sample_buffers(sample: Dict[str, Any]) -> List[bytes]:
-    """One sample's members in sorted field order, as webdataset's TarWriter writes them.
-
-    Headers, padding and small members are gathered into one buffer, large ones (images) passed
-    on as they are: about 3 buffers per sample instead of 9.
-    """
+def _append_sample(out: bytearray, sample: Dict[str, Any]) -> None:
+    """One sample's members in sorted field order, as webdataset's TarWriter writes them."""
     if "__key__" not in sample:
         raise ValueError("sample must contain a __key__")
     key = sample["__key__"]
-    buffers: List[bytes] = []
-    small = bytearray()
     for field in sorted(sample):
         if field.startswith("_"):
             continue
         data = _encode(field, sample[field])
-        small += _ustar_header(f"{key}.{field}", len(data))
-        if len(data) >= _SMALL:
-            buffers.append(bytes(small))
-            buffers.append(data)
-            small = bytearray()
-        else:
-            small += data
-        small += bytes(-len(data) % _BLOCK)
-    if small:
-        buffers.append(bytes(small))
-    return buffers
+        out += _ustar_header(f"{key}.{field}", len(data))
+        out += data
+        out += bytes(-len(data) % _BLOCK)
 
 
 def _ustar_header(name: str, size: int) -> bytes | bytearray:
