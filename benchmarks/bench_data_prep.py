@@ -1,9 +1,10 @@
 """Throughput of `python -m data_prep cub` against the bound of reading the same bytes, side by side.
 
-    .venv/bin/python benchmarks/bench_data_prep.py --images 6000 --workers 1 2 --json runs/bench_data_prep.json
+    .venv/bin/python benchmarks/bench_data_prep.py --images 11788 --workers 1 2 --cache warm cold \
+        --json runs/bench_data_prep.json
 
-Builds a CUB-like root of N images (the real CUB JPEGs of ../shared/data repeated under new ids,
-else synthetic JPEGs of CUB's size), reads it once so every figure is warm-cache, then times, in
+Builds a CUB-like root of N images (11,788 = all of CUB; the real CUB JPEGs of ../shared/data, or
+of --jpeg-dir, repeated under new ids, else synthetic JPEGs of CUB's size), then times, in
 turn and `--repeats` times each (median reported):
   read bound   `tar cf - images | cat > /dev/null`  (GNU tar skips reading when -f is /dev/null)
   tar bound    `tar cf OUT/all.tar images`           (read + write the bytes once: the job's own I/O)
@@ -40,11 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CUB = REPO.parent / "shared" / "data" / "cub" / "CUB_200_2011"
 
 
-def build_root(dest: Path, num_images: int) -> Path:
+def build_root(dest: Path, num_images: int, jpeg_dir: Path = SHARED_CUB / "images") -> Path:
     """A CUB_200_2011 layout with `num_images` images in 200 classes, half train, 15 parts."""
     root = dest / "CUB_200_2011"
     shutil.rmtree(root, ignore_errors=True)
-    sources = sorted(SHARED_CUB.glob("images/*/*.jpg")) if SHARED_CUB.is_dir() else []
+    sources = sorted(jpeg_dir.rglob("*.jpg")) if jpeg_dir.is_dir() else []
     synthetic = None if sources else _synthetic_jpegs(8)
     (root / "parts").mkdir(parents=True)
     classes = [f"{c:03d}.Class_{c}" for c in range(1, 201)]
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm"],
                         help="page cache state for every timed variant (see the top of this file)")
+    parser.add_argument("--jpeg-dir", default=str(SHARED_CUB / "images"),
+                        help="real JPEGs to repeat (default: the CUB samples of ../shared/data; synthetic if absent)")
     parser.add_argument("--skip-full", action="store_true", help="leave out the --check full variant")
     parser.add_argument("--json", default="runs/bench_data_prep.json")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_prep_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        root = build_root(work, args.images)
+        root = build_root(work, args.images, Path(args.jpeg_dir))
         nbytes = sum(p.stat().st_size for p in (root / "images").rglob("*.jpg"))
         timed(f"tar cf - -C {root} images | cat > /dev/null", shell=True)  # warm the page cache
 
