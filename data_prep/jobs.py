@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import DataPrepError
-from .shards import (FORMAT_VERSION, ShardWriter, fsync_files, partial_files, shard_name, write_json_atomic,
-                     write_shard)
+from .shards import FORMAT_VERSION, ShardWriter, fsync_files, partial_files, shard_name, write_json_atomic
 
 STATE_DIR = ".data_prep"
 SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
@@ -189,17 +188,27 @@ def _write_in_thread(out: Path, todo: List[ShardSpec], build, strict: bool, done
 
 
 def _write_in_pool(out: Path, todo: List[ShardSpec], build, opts: JobOptions, done: Callable[[str], Any]) -> None:
+    """Worker processes, each given runs of a few shards (its writer thread then works across them)."""
     from concurrent.futures import ProcessPoolExecutor  # ~10 ms of imports that one worker does not need
 
+    per_task = max(1, min(8, len(todo) // (4 * opts.workers)))  # >= 4 tasks per worker balance the load
     pool = ProcessPoolExecutor(max_workers=opts.workers)
-    futures = [pool.submit(_write_one, out, spec, build, opts.strict) for spec in todo]
+    futures = [pool.submit(_write_run, out, todo[i:i + per_task], build, opts.strict)
+               for i in range(0, len(todo), per_task)]
     try:
         for future in as_completed(futures):
-            done(future.result())  # re-raises the first error (e.g. --strict on a corrupt image)
+            for name in future.result():  # re-raises the first error (e.g. --strict on a corrupt image)
+                done(name)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # shards already started finish; no new ones
         raise
     pool.shutdown(wait=True)
+
+
+def _write_run(out: Path, specs: List[ShardSpec], build, strict: bool) -> List[str]:
+    names: List[str] = []
+    _write_in_thread(out, specs, build, strict, names.append)
+    return names
 
 
 class _Progress:
@@ -217,13 +226,6 @@ class _Progress:
             rate = self.count / (now - self.start)
             print(f"  {self.count}/{self.total} shards ({name}), {rate * 60:.1f} shards/min, "
                   f"~{(self.total - self.count) / rate / 60:.1f} min left", file=sys.stderr)
-
-
-def _write_one(out: Path, spec: ShardSpec, build, strict: bool) -> str:
-    samples, skipped = build(spec, strict)
-    entry = write_shard(out / spec.name, samples, durable=False)  # `skipped` fills up as samples are consumed
-    _record(out, entry, skipped)
-    return spec.name
 
 
 def _record(out: Path, entry: Dict[str, Any], skipped: List[Dict[str, str]]) -> None:
