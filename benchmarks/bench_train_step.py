@@ -173,10 +173,18 @@ def measure(args, device: torch.device) -> dict:
     variants = {variant_name(n, mode, args.compile): (n, mode) for n in args.streams for mode in args.stream_mode}
     # Compiled, the N x ST-CNN compiles first: a timeout then cuts the baseline, not the goal's compile time.
     variants = {**variants, backbone: (0, "loop")} if args.compile else {backbone: (0, "loop"), **variants}
-    trainers, warm = {}, {}
+    trainers, warm, failed = {}, {}, {}
     for name, (n, mode) in variants.items():  # built and warmed up one after another: compile times apart
-        trainers[name] = make_trainer(args, device, n, mode)
-        warm[name] = warm_up(name, trainers[name], args.warmup)
+        try:
+            trainers[name] = make_trainer(args, device, n, mode)
+            warm[name] = warm_up(name, trainers[name], args.warmup)
+        except Exception as err:  # e.g. out of memory, or a compiler error: the other variants still count
+            failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"{name}: FAILED, left out: {failed[name]}", flush=True)
+            trainers.pop(name, None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    variants = {name: spec for name, spec in variants.items() if name in trainers}
     wall = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleaved so that load changes hit every variant alike
@@ -197,7 +205,7 @@ def measure(args, device: torch.device) -> dict:
         row.update(warm[name])
         if args.compile:
             row["compile_s"] = sum(row["warmup_step_s"]) - len(row["warmup_step_s"]) * row["wall_step_s"]
-        if n:
+        if n and backbone in step:
             row["ratio_to_n_plus_1_backbone_steps"] = step[name] / ((n + 1) * step[backbone])
             # Per round too: neighbours in time share the machine's state, so their spread is honest.
             row["ratio_all_rounds"] = [t / ((n + 1) * b) for t, b in zip(basis[name], basis[backbone])]
@@ -210,6 +218,7 @@ def measure(args, device: torch.device) -> dict:
             results[name]["peak_memory_mb"] = results[name]["inproc_peak_memory_mb"]
         elif memory == "child":
             results[name].update(peak_memory(args, n, mode))
+    results.update({name: {"error": error} for name, error in failed.items()})
     return results
 
 
@@ -260,7 +269,11 @@ def main() -> None:
         "results": results,
     }
     for name, row in results.items():
-        extra = f"  ratio {row['ratio_to_n_plus_1_backbone_steps']:.3f}" if row["streams"] else ""
+        if "error" in row:
+            print(f"{name:16s} FAILED: {row['error']}")
+            continue
+        ratio = row.get("ratio_to_n_plus_1_backbone_steps")
+        extra = f"  ratio {ratio:.3f}" if ratio is not None else ""
         if "compile_s" in row:
             extra += f"  compile {row['compile_s']:.1f} s"
         memory = row.get("peak_memory_mb", row.get("peak_rss_over_imports_mb"))

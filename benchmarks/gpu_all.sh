@@ -61,7 +61,7 @@ if [[ $DRY == 1 ]]; then  # tiny sizes on CPU: checks the flow, not the figures
     TRAIN=(model.backbone=resnet10t model.input_size=64 model.crop_size=32 train.max_steps=4
            train.global_batch_size=8 train.num_workers=2 train.log_every=2 train.eval_max_samples=8
            train.device=cpu train.precision=fp32)
-    LOADER=(--images 16 --per-round 16 --rounds 1 --batch 4 --input-size 64 --resize 72)
+    LOADER=(--images 64 --per-round 32 --rounds 1 --batch 8 --input-size 224 --resize 256)
 else
     DEV=cuda
     PLAIN_ENV=(B="$B" COMPILE=0)
