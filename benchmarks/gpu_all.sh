@@ -14,7 +14,7 @@
 #      own images/s and data-wait %                                                  -> train_metrics.jsonl
 #   5. the trainer's step under torch.compile: compile time, ratio to N+1 compiled backbone passes
 #                                                                                     -> bench_train_step_compiled.json
-#   6. the loader benchmark, if time is left                                          -> bench_loader.json
+#   6. the loader benchmark, if time is left (real CUB JPEGs from ext/cub_jpegs if there) -> bench_loader.json
 # Everything printed also goes to $OUT/gpu_all.log.
 set -euo pipefail
 OUT=${OUT:-gpu_results}
@@ -192,6 +192,8 @@ fi
 
 # ---- 6. loader benchmark, only with time to spare
 if ((DEADLINE - SECONDS > 40)); then
+    # real CUB JPEGs where a folder of them was carried in ext/ (git-ignored), else generated ones
+    compgen -G "ext/cub_jpegs/*.jpg" > /dev/null && LOADER+=(--jpeg-dir ext/cub_jpegs)
     step "6. bench_loader" "$(cap 60 0)" "$PY" benchmarks/bench_loader.py "${LOADER[@]}" \
         --work-dir "$WORK" --out "$OUT/bench_loader.json"
 else
