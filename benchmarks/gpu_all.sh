@@ -12,6 +12,7 @@
 #   3. spatial-transformer fast paths (bench_st_core.py)                              -> bench_st_core.json
 #   4. a real training run on synthetic CUB shards (made in the background meanwhile): the trainer's
 #      own images/s and data-wait %                                                  -> train_metrics.jsonl
+#   4b. data-prep throughput: data_prep cub (1, 2, 8 workers) vs reading the bytes  -> bench_data_prep.json
 #   5. the trainer's step under torch.compile: compile time, ratio to N+1 compiled backbone passes
 #                                                                                     -> bench_train_step_compiled.json
 #   6. the loader benchmark, if time is left (real CUB JPEGs from ext/cub_jpegs if there) -> bench_loader.json
@@ -62,6 +63,7 @@ if [[ $DRY == 1 ]]; then  # tiny sizes on CPU: checks the flow, not the figures
            train.global_batch_size=8 train.num_workers=2 train.log_every=2 train.eval_max_samples=8
            train.device=cpu train.precision=fp32)
     LOADER=(--images 64 --per-round 32 --rounds 1 --batch 8 --input-size 224 --resize 256)
+    PREP_IMAGES=200
 else
     DEV=cuda
     PLAIN_ENV=(B="$B" COMPILE=0)
@@ -76,6 +78,7 @@ else
     TRAIN=(train.max_steps=200 train.global_batch_size="$B" train.num_workers=12 train.log_every=20
            train.eval_max_samples=128)
     LOADER=(--images 256 --per-round 256 --rounds 2)
+    PREP_IMAGES=11788  # all of CUB
 fi
 
 echo "== gpu_all.sh $(date -u '+%Y-%m-%d %H:%M UTC') DRY=$DRY DEADLINE=${DEADLINE}s OUT=$OUT"
@@ -181,6 +184,14 @@ EOF
 else
     echo "== 4. skipped: no shards ($SHARDS/manifest.json missing)"
 fi
+
+# ---- 4b. data-prep throughput on this machine's cores (CPU only; nothing else runs meanwhile):
+# `data_prep cub` with 1, 2 and 8 workers against reading the same bytes, page cache warm and cold
+# (cold needs root for drop_caches; warm alone where it is refused)
+PREP_BENCH=(benchmarks/bench_data_prep.py --images "$PREP_IMAGES" --workers 1 2 8 --repeats 3 --skip-full
+            --workdir "$WORK/prep_bench" --json "$OUT/bench_data_prep.json")
+compgen -G "ext/cub_jpegs/*.jpg" > /dev/null && PREP_BENCH+=(--jpeg-dir ext/cub_jpegs)
+step "4b. bench_data_prep" "$(cap 100 120)" bash -c '"$@" --cache warm cold || "$@" --cache warm' _ "$PY" "${PREP_BENCH[@]}"
 
 # ---- 5. the trainer's step under torch.compile (last of the required steps: it gets what time is left)
 if ((DEADLINE - SECONDS > 60)); then
