@@ -69,15 +69,15 @@ def fsync_files(paths: Iterable[str | Path]) -> None:
 
 
 class ShardWriter:
-    """Writes shards one after another, hashing and writing their bytes on a background thread.
+    """Writes shards one after another, hashing and writing their bytes on two background threads.
 
     `write(path, samples)` iterates the samples (reading the images, encoding the headers) in the
-    caller's thread and hands their bytes over; a second thread sha256-hashes and writes them,
-    renames each finished shard into place and calls `on_written(entry)` (from that thread).
-    sha256 and the write system call release the GIL, so one job keeps two cores busy, as
-    `tar cf - | cat` does, and the caller moves on to the next shard while the last is finishing.
-    Bytes go over in contiguous batches of about 1 MiB (the writer thread then takes the GIL back
-    twice per MiB, not twice per member); at most 8 batches wait, bounding the memory.
+    caller's thread and hands their bytes over; one thread sha256-hashes them, another writes
+    them, renames each finished shard into place and calls `on_written(entry)` (from that thread).
+    sha256 and the write system call release the GIL, so the three overlap (each takes about a
+    third of a one-thread job's time), and the caller moves on to the next shard while the last
+    one is finishing. Bytes go over in contiguous batches of about 1 MiB (a thread then takes the
+    GIL back once per MiB, not once per member); at most 8 batches wait, bounding the memory.
     A writer error (disk full) is raised in the caller at its next `write` or at `close`; an
     error in the caller (a corrupt image under --strict) leaves no temporary file behind.
     """
@@ -87,9 +87,13 @@ class ShardWriter:
     def __init__(self, durable: bool = True, on_written: Optional[Callable[[Dict[str, Any]], None]] = None):
         self.durable, self.on_written = durable, on_written
         self._queue: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=8)
+        self._hash_queue: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=8)
+        self._digests: "queue.Queue[Any]" = queue.Queue()  # one sha256 (or error) per closed shard, in order
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._hasher = threading.Thread(target=self._hash, name="shard-hasher", daemon=True)
         self._thread.start()
+        self._hasher.start()
 
     def write(self, path: str | Path, samples: Iterable[Dict[str, Any]]) -> None:
         self._raise_writer_error()
@@ -112,8 +116,9 @@ class ShardWriter:
     def close(self) -> None:
         """Wait until every shard is written and renamed; re-raise the writer's error if it had one."""
         if self._thread.is_alive():
-            self._queue.put(("stop", None))
+            self._put_both(("stop", None))
             self._thread.join()
+            self._hasher.join()
         self._raise_writer_error()
 
     def __enter__(self) -> "ShardWriter":
@@ -121,12 +126,33 @@ class ShardWriter:
 
     def __exit__(self, exc_type, *rest) -> None:
         if exc_type is not None and self._thread.is_alive():
-            self._queue.put(("abort", None))  # the shard being written is incomplete: drop its file
+            self._put_both(("abort", None))  # the shard being written is incomplete: drop its file
         self.close()
 
     def _send(self, command: str, value: Any) -> None:
         self._raise_writer_error()
-        self._queue.put((command, value))
+        self._put_both((command, value))
+
+    def _put_both(self, message: Tuple[str, Any]) -> None:
+        self._hash_queue.put(message)
+        self._queue.put(message)
+
+    def _hash(self) -> None:
+        sha = hashlib.sha256()
+        while True:
+            command, value = self._hash_queue.get()
+            if command in ("stop", "abort"):
+                return
+            try:
+                if command == "open":
+                    sha = hashlib.sha256()
+                elif command == "data":
+                    sha.update(value)
+                elif command == "close":
+                    self._digests.put(sha.hexdigest())
+            except BaseException as err:  # noqa: BLE001 - the writer thread raises it at this shard's close
+                self._digests.put(err)
+                sha = hashlib.sha256()
 
     def _raise_writer_error(self) -> None:
         if self._error is not None:
@@ -135,7 +161,7 @@ class ShardWriter:
     def _drain(self) -> None:
         raw: Optional[BinaryIO] = None
         path = tmp = None
-        sha, size = hashlib.sha256(), 0
+        size = 0
         while True:
             command, value = self._queue.get()
             try:
@@ -145,9 +171,8 @@ class ShardWriter:
                     continue  # keep emptying the queue so that the caller never blocks on it
                 if command == "open":
                     path, tmp = value, _tmp_path(value)
-                    raw, sha, size = open(tmp, "wb"), hashlib.sha256(), 0
-                elif command == "data":  # one contiguous batch: two GIL-free calls per MiB
-                    sha.update(value)
+                    raw, size = open(tmp, "wb"), 0
+                elif command == "data":  # one contiguous batch: one GIL-free call per MiB
                     raw.write(value)
                     size += len(value)
                 elif command == "close":
@@ -157,11 +182,13 @@ class ShardWriter:
                     else:
                         _start_writeback(raw.fileno())
                     raw.close()
+                    digest = self._digests.get()
+                    if isinstance(digest, BaseException):
+                        raise digest
                     os.replace(tmp, path)
                     raw = None
                     if self.on_written is not None:
-                        self.on_written({"name": path.name, "num_samples": value, "bytes": size,
-                                         "sha256": sha.hexdigest()})
+                        self.on_written({"name": path.name, "num_samples": value, "bytes": size, "sha256": digest})
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 self._error = err
             finally:
