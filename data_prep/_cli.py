@@ -1,13 +1,15 @@
 """Command-line options shared by the dataset commands (cub, svhn): job splitting and safety flags."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import DataPrepError
 from .jobs import JobOptions, job_options_from_env
+
+if TYPE_CHECKING:  # argparse is imported by the commands' main, not by `from data_prep import cub`
+    import argparse
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
