@@ -174,7 +174,7 @@ def _write_all(out: Path, todo: List[ShardSpec], build, opts: JobOptions) -> Non
 
 
 def _write_in_thread(out: Path, todo: List[ShardSpec], build, strict: bool, done: Callable[[str], Any]) -> None:
-    """One process: this thread reads the images of shard k+1 while the writer thread finishes shard k."""
+    """One process: this thread reads the images of shard k+1 while the writer threads finish shard k."""
     skipped_of: Dict[str, List[Dict[str, str]]] = {}
 
     def written(entry: Dict[str, Any]) -> None:  # on the writer thread, once the shard is in place
