@@ -181,3 +181,27 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shard
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 1
     steps = [l["step"] for l in _lines(run_dir) if l["split"] == "train"]
     assert steps == [1]  # nothing was logged for the bad step either
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_rank_checkpoint_resumes_on_one_rank_reproducibly(ddp_run, tmp_path):
+    """A job preempted on 2 GPUs and restarted on 1: same global batch, fresh but seeded streams."""
+    run_dir, overrides, _ = ddp_run
+    moved = [o for o in overrides if not o.startswith(("run.dir=", "train.max_steps="))]
+    weights = []
+    for name in ("a", "b"):
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        result = run_cli([*moved, f"run.dir={copy}", "train.max_steps=8", "train.resume=auto"], nproc=1)
+        assert result.returncode == 0, explain(result)
+        assert f"resumed from {copy / 'checkpoints' / 'last.pt'} at step {MAX_STEPS}" in result.stderr
+        last = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+        assert last["step"] == 8 and last["images_seen"] == 8 * 4 and len(last["rng"]) == 1
+        setup = [l for l in _lines(copy) if l["split"] == "setup"]
+        assert [s["world_size"] for s in setup] == [2, 1] and setup[-1]["micro_batch_size"] == 4
+        assert [l["step"] for l in _lines(copy) if l["split"] == "train"] == list(range(1, 9))
+        weights.append(last["model"])
+    before = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(weights[0][k], before[k]) for k in before)  # it trained on
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the same way twice
