@@ -22,7 +22,7 @@ import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import DataPrepError
@@ -121,17 +121,6 @@ def _lines(path: Path) -> Iterable[Tuple[int, str]]:
 
 
 def _id_name_rows(path: Path) -> List[Tuple[int, str]]:
-    if not path.is_file():
-        raise DataPrepError(f"{path}: missing CUB metadata file")
-    try:  # all lines at once; any bad line (or byte) goes to the line-by-line loop for its message
-        with open(path, encoding="utf-8", newline=None) as f:  # universal newlines, as _lines
-            lines = list(filter(None, map(str.strip, f.read().split("\n"))))
-        heads, _, names = zip(*map(str.partition, lines, repeat(" "))) if lines else ((), (), ())
-        names = list(map(str.strip, names))
-        if all(map(str.isdigit, heads)) and all(names):
-            return list(zip(map(int, heads), names))
-    except UnicodeDecodeError:
-        pass
     rows = []
     for lineno, line in _lines(path):
         head, _, name = line.partition(" ")
