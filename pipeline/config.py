@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Type
 
 import yaml
 from omegaconf import OmegaConf
@@ -161,18 +161,21 @@ def _merge(base: Config, values: Dict[str, Any], source: str) -> Config:
         raise ConfigError(f"{source}: bad value for '{key}': {msg}" if key else f"{source}: {msg}") from None
 
 
+def read_yaml(path: Path, kind: str, error: Type[Exception]) -> Any:
+    """The contents of a YAML file (`{}` if empty); a missing file or bad YAML raises `error` naming it."""
+    if not path.is_file():
+        raise error(f"{kind} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- dotted overrides, then validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-        cfg = _merge(cfg, values, str(path))
+        cfg = _merge(cfg, read_yaml(Path(path), "config", ConfigError), str(path))
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "override")
     validate(cfg)

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config, read_yaml
 
 
 class SweepError(ValueError):
@@ -285,12 +285,7 @@ def sweep_from_dict(values: Dict[str, Any], source: str, sweep_file: Optional[Pa
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Sweep file <- command-line overrides, validated (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    values = read_yaml(path, "sweep", SweepError)
     if not isinstance(values, dict):
         raise _fail(str(path), f"a sweep file must be a mapping of keys, got {type(values).__name__}")
     _apply_cli_overrides(values, overrides, str(path))
