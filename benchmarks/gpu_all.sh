@@ -90,28 +90,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     # Here (DRY) the interpreter is not the GPU machine's py3.12: check that the set installs, keep it off the path.
     [[ $DRY == 1 ]] && PIP_TARGET=(--python-version 3.12 --implementation cp --only-binary=:all:
                                    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64)
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-            "${PIP_TARGET[@]}" .whl/*.whl; then
-        echo "installed $(find .whl -name '*.whl' | wc -l) carried wheels into $SITE"
-    else  # no pip: a wheel is a zip of its install tree
-        echo "pip failed; unpacking the wheels instead"
-        for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" "$SITE"; done
-    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "${PIP_TARGET[@]}" .whl/*.whl
+    echo "installed $(find .whl -name '*.whl' | wc -l) carried wheels into $SITE"
     [[ $DRY == 1 ]] || export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 [[ ${PYTHONPATH:-} == *"$PWD"* ]] || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PY" -c "import scipy.special" 2> /dev/null; then
-    # albumentations imports scipy.special at import time, for one transform (RingingOvershoot's j1) that
-    # the pipeline never uses: a stand-in that refuses that call saves carrying scipy's 35 MB wheel.
-    echo "WARNING: no scipy here: writing a stand-in scipy.special (j1 raises) into $SITE"
-    mkdir -p "$SITE/scipy"
-    echo '"""Stand-in written by benchmarks/gpu_all.sh on a machine without scipy."""' > "$SITE/scipy/__init__.py"
-    printf '%s\n' '"""Stand-in: albumentations imports this module; the pipeline uses no transform that calls it."""' \
-        '' '' 'def j1(*args, **kwargs):' \
-        '    raise NotImplementedError("scipy.special stand-in (benchmarks/gpu_all.sh): install scipy")' \
-        > "$SITE/scipy/special.py"
-    [[ :${PYTHONPATH}: == *":$SITE:"* ]] || export PYTHONPATH="$SITE:$PYTHONPATH"
-fi
 echo "PYTHONPATH=$PYTHONPATH"
 "$PY" - "$DEV" << 'EOF' || echo "import check FAILED"
 import sys, time
