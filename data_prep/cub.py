@@ -231,15 +231,8 @@ def _part_locs(path: Path, num_parts: int) -> Dict[int, List[List[float]]]:
     locs = _part_locs_in_blocks(text, num_parts) if num_parts else None
     if locs is not None:
         return locs
-    images, parts, xs, ys, visible = _columns(path, PART_LOC_KINDS, text)
-    blocks = len(images) // num_parts
-    # the file as CUB ships it: each image's parts in one block, in order; sliced without a Python loop
-    if (len(images) == blocks * num_parts and parts == list(range(1, num_parts + 1)) * blocks
-            and images == [i for i in images[::num_parts] for _ in range(num_parts)]
-            and len(set(images[::num_parts])) == blocks):
-        triples = list(map(list, zip(xs, ys, visible)))
-        return {image: triples[b * num_parts:(b + 1) * num_parts] for b, image in enumerate(images[::num_parts])}
-    return _part_locs_any_order(path, num_parts, zip(images, parts, xs, ys, visible))
+    # any other layout (CRLF, tabs, rows in any order, ...), and the messages for bad rows
+    return _part_locs_any_order(path, num_parts, zip(*_columns(path, PART_LOC_KINDS, text)))
 
 
 def _part_locs_in_blocks(text: str, num_parts: int) -> Optional[Dict[int, List[List[float]]]]:
