@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: import this checkout's packages
     sys.path.insert(0, str(REPO))
 
-PREP_DATASETS = ("cub", "svhn", "digits", "synthetic-cub")
+# the data_prep commands built on data_prep.jobs.run_plan: array pieces, --no-finalize, --finalize-only
+PREP_DATASETS = ("cub", "svhn")
 
 
 class PreflightError(Exception):
@@ -111,11 +112,10 @@ def check_prep(args: Sequence[str]) -> Path:
         got = args[0] if args else "nothing"
         raise PreflightError(f"data_prep dataset '{got}' is not one of {', '.join(PREP_DATASETS)}")
     root, out = _option(args, "--root"), _option(args, "--out")
-    if args[0] != "synthetic-cub":  # synthetic data has no raw root
-        if not root:
-            raise PreflightError(f"data_prep {args[0]}: --root RAW is required")
-        if not Path(root).exists():
-            raise PreflightError(f"data_prep {args[0]}: --root {root}: raw dataset folder not found")
+    if not root:
+        raise PreflightError(f"data_prep {args[0]}: --root RAW is required")
+    if not Path(root).exists():
+        raise PreflightError(f"data_prep {args[0]}: --root {root}: raw dataset folder not found")
     if not out:
         raise PreflightError(f"data_prep {args[0]}: --out OUT is required")
     if Path(out).exists() and not Path(out).is_dir():
