@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from . import DataPrepError
 from ._cli import add_job_arguments, job_kwargs, print_summary
-from .jobs import JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
+from .jobs import ExistsCheck, JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
 from .shards import file_sha256
 
 SPLITS = ("train", "test")
@@ -332,7 +332,7 @@ def _make_plan(root: str | Path, classes: Any, limit: Optional[int], shard_size:
     per_split: Dict[str, List[Dict[str, Any]]] = {s: [] for s in SPLITS}
     skipped = []
     images_dir = str(root / "images")
-    exists = _ExistsCheck(images_dir)
+    exists = ExistsCheck(images_dir)
     name_of = {c: class_name(meta.classes[c]) for c in class_ids}
     images, labels, is_train, boxes, part_locs = meta.images, meta.labels, meta.is_train, meta.boxes, meta.part_locs
     for image_id in sorted(images):
@@ -365,37 +365,6 @@ def _make_plan(root: str | Path, classes: Any, limit: Optional[int], shard_size:
     keys = [[s.split, [i[2]["key"] for i in s.items]] for s in specs]
     return Plan("cub", specs, list(SPLITS), asdict(options), str(root), extra, skipped,
                 plan_digest=digest([files, keys, skipped]))
-
-
-class _ExistsCheck:
-    """os.path.exists(os.path.join(images_dir, rel)), from one listing per folder instead of a stat
-    per image (CUB: 200 folders, 11,788 images; on a cluster file system a stat is a round trip).
-
-    A name listed in its folder and not a symlink exists; anything else (a symlink, a folder that
-    cannot be listed, a name spelt otherwise than listed, a missing file) is asked of os.path.exists.
-    """
-
-    def __init__(self, images_dir: str) -> None:
-        self.images_dir = images_dir
-        self.listed: Dict[str, Optional[set]] = {}
-
-    def __call__(self, rel: str) -> bool:
-        folder, _, name = rel.rpartition("/")
-        try:
-            names = self.listed[folder]
-        except KeyError:
-            names = self.listed[folder] = self._list(os.path.join(self.images_dir, folder))
-        if names is not None and name in names:
-            return True
-        return os.path.exists(os.path.join(self.images_dir, rel))  # os.path: pathlib costs ~10 us per call
-
-    @staticmethod
-    def _list(folder: str) -> Optional[set]:
-        try:
-            with os.scandir(folder) as entries:
-                return {entry.name for entry in entries if not entry.is_symlink()}
-        except (OSError, ValueError):  # ValueError: a NUL in the name (os.path.exists says False)
-            return None
 
 
 def class_name(folder: str) -> str:

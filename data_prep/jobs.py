@@ -123,6 +123,38 @@ def chunk_specs(split: str, items: Sequence[Any], shard_size: int) -> List[Shard
     ]
 
 
+class ExistsCheck:
+    """os.path.exists(os.path.join(images_dir, rel)), from one listing per folder instead of a stat
+    per image (CUB: 200 folders, 11,788 images; SVHN: 3 folders, 248,823 images; on a cluster file
+    system a stat is a round trip).
+
+    A name listed in its folder and not a symlink exists; anything else (a symlink, a folder that
+    cannot be listed, a name spelt otherwise than listed, a missing file) is asked of os.path.exists.
+    """
+
+    def __init__(self, images_dir: str) -> None:
+        self.images_dir = images_dir
+        self.listed: Dict[str, Optional[set]] = {}
+
+    def __call__(self, rel: str) -> bool:
+        folder, _, name = rel.rpartition("/")
+        try:
+            names = self.listed[folder]
+        except KeyError:
+            names = self.listed[folder] = self._list(os.path.join(self.images_dir, folder))
+        if names is not None and name in names:
+            return True
+        return os.path.exists(os.path.join(self.images_dir, rel))  # os.path: pathlib costs ~10 us per call
+
+    @staticmethod
+    def _list(folder: str) -> Optional[set]:
+        try:
+            with os.scandir(folder) as entries:
+                return {entry.name for entry in entries if not entry.is_symlink()}
+        except (OSError, ValueError):  # ValueError: a NUL in the name (os.path.exists says False)
+            return None
+
+
 def digest(obj: Any) -> str:
     """sha256 of a JSON-able object (the plan's fingerprint in options.json)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -21,7 +21,6 @@ Format 2 sample: `png` 32x32 RGB, `cls` (0-9) and `json` {"id", "index", "digits
 from __future__ import annotations
 
 import argparse
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from PIL import Image
 
 from . import DataPrepError
 from ._cli import add_job_arguments, job_kwargs, print_summary
-from .jobs import JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
+from .jobs import ExistsCheck, JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
 from .shards import encode_png
 
 SOURCES = ("train", "test", "extra")
@@ -139,10 +138,11 @@ def make_plan(root: str | Path, split: Any = "train", size: int = 64, val_from_t
         if "train" in group and val_keys:
             out_splits.append(("val", [e for e in entries["train"] if e["key"] in val_keys]))
     skipped = []
+    exists = ExistsCheck(str(root))
     for name, items in out_splits:
         present = []
         for e in items:
-            if e["format"] == 1 and not os.path.exists(os.path.join(root, e["source"], e["name"])):
+            if e["format"] == 1 and not exists(f"{e['source']}/{e['name']}"):
                 if not skip_missing:
                     raise DataPrepError(f"{root / e['source'] / e['name']}: image of entry {e['index'] + 1} in "
                                         "digitStruct.mat is missing (pass --skip-missing to leave it out)")
