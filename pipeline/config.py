@@ -261,13 +261,18 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a hidden temporary name beside `path`, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (a run directory's config.yaml)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def from_dict(values: Dict[str, Any], source: str = "dict") -> Config:

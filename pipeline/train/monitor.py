@@ -16,6 +16,7 @@ from typing import Dict
 
 from tqdm import tqdm
 
+from pipeline.config import write_text_atomic
 from pipeline.metrics import flatten
 
 log = logging.getLogger("pipeline.train")
@@ -32,9 +33,7 @@ def drop_lines_after(path: Path, step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
         except ValueError:  # the line a SIGKILL cut short
             continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(kept))
 
 
 class Window:

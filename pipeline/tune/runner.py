@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from pipeline.config import to_dict
+from pipeline.config import to_dict, write_text_atomic
 from pipeline.tune.sweep import SweepConfig, SweepError, num_grid_points, scheduler_options
 from pipeline.tune.trial import TrialPlan, run_trial, trial_overrides
 
@@ -146,12 +146,6 @@ def _check_same_sweep(sweep: SweepConfig, exp_dir: Path) -> None:
                          f"resume it with the same sweep file and overrides, or choose another name=")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def build_tuner(sweep: SweepConfig, resume: bool = False):
     """(Tuner, resumed?): a new experiment, or the one already in the experiment folder."""
     from ray import tune
@@ -168,7 +162,7 @@ def build_tuner(sweep: SweepConfig, resume: bool = False):
     if resume:
         raise SweepError(f"--resume: no sweep to resume in {exp_dir}")
     exp_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(exp_dir / SWEEP_FILE, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    write_text_atomic(exp_dir / SWEEP_FILE, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(sweep),
@@ -321,7 +315,7 @@ def write_best_config(sweep: SweepConfig, row: Dict[str, Any], path: Path) -> Pa
     header = (f"# python -m pipeline.train --config {path}\n"
               f"# Best trial {row['trial']} of sweep '{sweep.name}': {sweep.metric}={_fmt(row[sweep.metric])} "
               f"at step {row['step']}; the full resolved config (edit run.dir to train elsewhere).\n")
-    _write_atomic(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
 
@@ -333,8 +327,8 @@ def summarise(sweep: SweepConfig, results) -> SweepResult:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(exp_dir / "trials.csv", buf.getvalue())
-    _write_atomic(exp_dir / "trials.md", f"# Sweep '{sweep.name}': {sweep.metric} ({sweep.mode})\n\n{table}\n")
+    write_text_atomic(exp_dir / "trials.csv", buf.getvalue())
+    write_text_atomic(exp_dir / "trials.md", f"# Sweep '{sweep.name}': {sweep.metric} ({sweep.mode})\n\n{table}\n")
     best = best_row(rows, sweep.metric, sweep.mode)
     best_path = write_best_config(sweep, best, exp_dir / "best_config.yaml") if best else None
     counts: Dict[str, int] = {}
