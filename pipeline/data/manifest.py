@@ -101,7 +101,7 @@ def read_manifest(root: Optional[str | Path], verify_checksums: bool = False) ->
 
     verify_checksums also hashes every shard (slow on full datasets; data_prep's own check).
     """
-    if root is None:
+    if not root:  # None, or "" from a YAML `root:` or a `data.root=` override
         raise DataError("data.root is not set: point it at a folder holding manifest.json (python -m data_prep ...)")
     root = Path(root)
     if not root.is_dir():

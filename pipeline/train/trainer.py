@@ -134,8 +134,6 @@ class Trainer:
 
     def read_data(self):
         from pipeline.data import read_manifest
-        if not self.cfg.data.root:
-            raise ValueError("data.root is not set: point it at the folder holding manifest.json")
         return read_manifest(self.cfg.data.root)
 
     def build_model_and_optimiser(self) -> None:
