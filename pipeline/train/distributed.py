@@ -16,7 +16,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -132,13 +132,14 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def any_rank(env: DistEnv, flag: bool) -> bool:
-    """True when `flag` is true on at least one rank (all ranks must call this together)."""
+def any_rank(env: DistEnv, *flags: bool) -> List[bool]:
+    """Each flag: true when it is true on at least one rank, all in one all-reduce (all ranks must
+    call this together, with the same number of flags)."""
     if not env.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        return list(flags)
+    t = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control_group)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier(env: DistEnv) -> None:

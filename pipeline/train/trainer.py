@@ -103,14 +103,13 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 while self.step < t.max_steps:
-                    loss, wait = self.train_step(stream)
+                    loss, wait, stopping = self.train_step(stream, stop)
                     self.step += 1
                     self.images_seen += t.global_batch_size
                     window.add(loss, wait)
                     self.monitor.advance(self.step)
                     if self.step % t.log_every == 0:
                         self.log_train(window)
-                    stopping = any_rank(self.env, stop.received)
                     final = self.step == t.max_steps
                     periodic = self.step % t.checkpoint_every == 0
                     if self.step % t.eval_every == 0 or final:
@@ -243,16 +242,17 @@ class Trainer:
         images, targets = self.to_device(images, targets)
         return images, targets, wait
 
-    def train_step(self, stream) -> Tuple[torch.Tensor, float]:
-        """One optimiser step over `accum_steps` micro batches; returns (mean loss, data wait s)."""
+    def train_step(self, stream, stop: Optional[StopRequest] = None) -> Tuple[torch.Tensor, float, bool]:
+        """One optimiser step over `accum_steps` micro batches; returns (mean loss, data wait s,
+        whether any rank's `stop` has received a signal by the end of the step: see `check_finite`)."""
         total, wait = torch.zeros((), device=self.env.device), 0.0
         for i in range(self.accum_steps):
             images, targets, w = self.next_batch(stream)
             wait += w
             total += self.forward_backward(images, targets, sync=i == self.accum_steps - 1)
         self.optimizer_step()
-        self.check_finite(total)
-        return total, wait
+        stopping = self.check_finite(total, stop is not None and stop.received)
+        return total, wait, stopping
 
     def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool = True) -> torch.Tensor:
         """Loss of one micro batch, scaled for accumulation, and its gradients (all-reduced if `sync`)."""
@@ -273,18 +273,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
 
-    def check_finite(self, loss: torch.Tensor) -> None:
+    def check_finite(self, loss: torch.Tensor, stop_requested: bool = False) -> bool:
         """Stop at the first non-finite loss, on every rank together, before anything is written.
 
         The check syncs with the device once per step; a NaN step is never followed by a checkpoint.
+        Its all-reduce also carries this rank's stop request (SIGTERM/SIGUSR1): one collective per
+        step, not two. Returns whether any rank has one.
         """
         bad = not math.isfinite(loss.item())
-        if any_rank(self.env, bad):
+        any_bad, stopping = any_rank(self.env, bad, stop_requested)
+        if any_bad:
             where = f" on rank {self.env.rank}" if bad and self.env.distributed else ""
             last = self.checkpoints.last
             kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
             raise NonFiniteLoss(f"non-finite loss ({loss.item()}{where}) at step {self.step + 1}; stopping, "
                                 f"{kept}; lower optim.lr or set optim.grad_clip")
+        return stopping
 
     def log_train(self, window: Window) -> None:
         base_lr = self.cfg.optim.lr * self.schedule.lr_lambdas[0](self.schedule.last_epoch)  # roles scale this
