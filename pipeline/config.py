@@ -176,10 +176,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     cfg = Config()
     if path is not None:
         cfg = _merge(cfg, read_yaml(Path(path), "config", ConfigError), str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
+    """`cfg` with dotted `key=value` overrides (values read as YAML), then validated."""
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "override")
-    validate(cfg)
-    return cfg
+    return validate(cfg)
 
 
 _CHOICES = {

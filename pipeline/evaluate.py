@@ -18,18 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from pipeline.config import Config, ConfigError, from_dict
+from pipeline.config import Config, apply_overrides, from_dict
 
 
 def checkpoint_config(state: Dict[str, Any], overrides: Sequence[str], source: str) -> Config:
-    """The checkpoint's config with dotted `overrides` applied (unknown keys are errors)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(state["config"]), OmegaConf.from_dotlist(list(overrides)))
-    except Exception as err:  # OmegaConf's parse errors: reword them on one line
-        raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None
-    cfg = from_dict(OmegaConf.to_container(merged), source)
+    """The checkpoint's config with dotted `overrides` applied, parsed as pipeline.train parses them."""
+    cfg = apply_overrides(from_dict(state["config"], source), overrides)
     cfg.model.pretrained = None  # the checkpoint supplies the weights: never download them
     return cfg
 
