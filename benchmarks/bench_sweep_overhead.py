@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from conftest import free_port  # noqa: E402
 from shard_fixtures import write_tiny_cub_shards  # noqa: E402
 
 TINY = REPO / "configs" / "sweeps" / "tiny_cpu.yaml"
@@ -39,12 +39,6 @@ def _env() -> dict:
                RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(command: list, cwd: Path) -> float:
@@ -88,7 +82,7 @@ def main(argv=None) -> int:
         sweep_file = tmp / "bench.yaml"
         sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
         sweep_s = _timed([sys.executable, "-m", "pipeline.tune", "--config", str(sweep_file),
-                          "--dashboard-port", str(_free_port())], REPO)
+                          "--dashboard-port", str(free_port())], REPO)
         print(f"sweep of {args.trials} trials: {sweep_s:.1f} s", flush=True)
         # Tune's own clock inside each trial (training, evaluation, reporting and checkpoint copies).
         in_trials = [json.loads(f.read_text().splitlines()[-1])["time_total_s"]

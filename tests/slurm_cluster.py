@@ -16,14 +16,13 @@ import ctypes
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from conftest import stop_process
+from conftest import free_port, stop_process
 
 # Two SLURM nodes, both this machine: one slurmd each (own port, spool, log), reached at 127.0.0.1
 # (NodeAddr), so that multi-node job scripts (srun over nodes, a rendezvous on the first node, Ray
@@ -81,12 +80,6 @@ NODE_LINE = "NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={por
 def _die_with_parent() -> None:
     # PR_SET_PDEATHSIG: a daemon outlives nothing, even a test runner killed with SIGKILL.
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

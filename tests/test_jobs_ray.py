@@ -11,7 +11,6 @@ import csv
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,18 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, need, stop_process, subprocess_env
+from conftest import PYTHON, REPO, free_port, need, stop_process, subprocess_env
 from shard_fixtures import write_tiny_cub_shards
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.multiprocess]
 
 RAY = str(Path(PYTHON).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +23,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, need, subprocess_env
+from conftest import PYTHON, REPO, free_port, need, subprocess_env
 from shard_fixtures import write_tiny_cub_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
 TINY_SWEEP = REPO / "configs" / "sweeps" / "tiny_cpu.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_available() -> bool:
@@ -72,7 +65,7 @@ def ray_head(ray_env, tmp_path_factory):
     free ports, so that other Ray clusters on the machine do not collide with this one.
     """
     env, _ = ray_env
-    port, dashboard, agent, client = (_free_port() for _ in range(4))
+    port, dashboard, agent, client = (free_port() for _ in range(4))
     temp = tmp_path_factory.mktemp("ray")
     log = temp / "head.log"
     head = subprocess.Popen(
@@ -158,7 +151,7 @@ def _get(url: str, token: str | None):
 
 def test_asha_sweep_with_dashboard_then_best_config_trains(ray_env, shards, tmp_path):
     env, token = ray_env
-    port = _free_port()
+    port = free_port()
     sweep = _sweep_file(tmp_path, shards)
     log = open(tmp_path / "sweep.log", "w+")
     driver = subprocess.Popen([PYTHON, "-m", "pipeline.tune", "--config", str(sweep), "--dashboard-port", str(port),
