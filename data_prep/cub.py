@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from . import DataPrepError
 from ._cli import add_job_arguments, job_kwargs, print_summary
 from .jobs import ExistsCheck, JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
-from .shards import file_sha256
+from .shards import file_sha256, read_file
 
 SPLITS = ("train", "test")
 METADATA_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
@@ -379,8 +379,7 @@ def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
     def samples():
         for root, check, item in spec.items:
             path = os.path.join(root, "images", item["file"])
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_file(path)
             try:
                 width, height, mode = inspect_jpeg(data, full=check == "full")
             except BadImage as err:

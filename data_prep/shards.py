@@ -206,10 +206,11 @@ def _append_sample(out: bytearray, sample: Dict[str, Any]) -> None:
     for field in sorted(sample):
         if field.startswith("_"):
             continue
-        data = _encode(field, sample[field])
+        value = sample[field]
+        data = value if type(value) is bytes else _encode(field, value)  # image bytes: no dispatch
         out += _ustar_header(f"{key}.{field}", len(data))
         out += data
-        out += bytes(-len(data) % _BLOCK)
+        out += _ZEROS[:-len(data) % _BLOCK]  # a view: no new zero bytes per member
 
 
 def _ustar_header(name: str, size: int) -> bytes | bytearray:
@@ -242,6 +243,10 @@ def _header_template() -> bytes:
 _BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 _HEADER_TEMPLATE = _header_template()
 _TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])  # without its (zero) size field
+_ZEROS = memoryview(bytes(_BLOCK))
+# json.dumps's output; without its check for circular references (a third of its time on a CUB
+# sample's json: samples are fresh trees of dicts and lists, a cycle would recurse until it errs)
+_json_text = json.JSONEncoder(check_circular=False).encode
 
 
 def _encode(field: str, value: Any) -> bytes:
@@ -253,7 +258,7 @@ def _encode(field: str, value: Any) -> bytes:
     if extension in _CLS_EXTENSIONS:
         return str(value).encode("ascii")
     if extension in ("json", "jsn"):
-        return json.dumps(value).encode("utf-8")
+        return _json_text(value).encode("utf-8")
     from webdataset.writer import default_handlers, encode_based_on_extension1  # rare types: arrays, tensors
 
     return encode_based_on_extension1(value, field, default_handlers)
@@ -270,6 +275,20 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_file(path: str) -> bytes:
+    """A whole file's bytes, with os-level calls: ~3 us less a file than open().read(), whose
+    buffered file object is not needed for one read (11,788 CUB images: 40 ms of a one-worker job)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)  # one byte more: a file that grew since the fstat is seen
+        if len(data) != size:  # a short read (network file systems may) or a growing file: read to the end
+            data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        return data
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:

@@ -85,3 +85,18 @@ def test_writer_error_reaches_the_caller_and_removes_the_temporary_file(tmp_path
     with pytest.raises(OSError, match="No space left"):
         write_shard(tmp_path / "a.tar", _samples(20))  # 6 MB: the error comes while samples are still read
     assert os.listdir(tmp_path) == []
+
+
+def test_read_file_reads_whole_files_through_short_reads(tmp_path, monkeypatch):
+    from data_prep import shards
+
+    data = np.random.default_rng(1).bytes(3 * (1 << 20) + 17)
+    (tmp_path / "big.jpg").write_bytes(data)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert shards.read_file(str(tmp_path / "big.jpg")) == data
+    assert shards.read_file(str(tmp_path / "empty.jpg")) == b""
+    real_read = os.read
+    monkeypatch.setattr(shards.os, "read", lambda fd, n: real_read(fd, min(n, 100_000)))  # as NFS may
+    assert shards.read_file(str(tmp_path / "big.jpg")) == data
+    with pytest.raises(FileNotFoundError):
+        shards.read_file(str(tmp_path / "missing.jpg"))
