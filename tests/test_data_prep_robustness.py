@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -184,6 +185,26 @@ def test_jobs_and_workers_give_the_same_bytes(cub_root, tmp_path, monkeypatch):
     assert json.loads((out / "manifest.json").read_text()) == single
     parallel = cub.prepare(cub_root, tmp_path / "workers", shard_size=6, workers=2)
     assert parallel == single
+
+
+def test_workers_started_without_fork_from_a_threaded_parent_write_the_same(cub_root, tmp_path, monkeypatch):
+    """A parent with another thread running does not fork (the child could inherit a held lock):
+    its workers start afresh and receive the shard list pickled, and write the same shards."""
+    import multiprocessing
+
+    methods, get_context = [], multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: methods.append(method) or get_context(method))
+    forked = cub.prepare(cub_root, tmp_path / "forked", shard_size=6, workers=2)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        started = cub.prepare(cub_root, tmp_path / "started", shard_size=6, workers=2)
+    finally:
+        stop.set()
+        other.join()
+    assert started == forked
+    assert methods == ["fork", "forkserver"]
 
 
 @pytest.mark.multiprocess
