@@ -1,4 +1,4 @@
-"""Command-line options shared by the dataset commands (cub, svhn): job splitting and safety flags."""
+"""Command-line options shared by the dataset commands (cub, svhn, digits): job splitting and safety flags."""
 from __future__ import annotations
 
 from dataclasses import asdict

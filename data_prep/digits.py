@@ -20,6 +20,7 @@ The warps run through `pipeline.models.spatial_transformer.warp`, the same sampl
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import math
 from dataclasses import asdict, dataclass
@@ -29,7 +30,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import DataPrepError
-from .shards import encode_png, shard_name, write_json_atomic, write_shard
+from ._cli import add_job_arguments, job_options, print_summary
+from .jobs import JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
+from .shards import encode_png, file_sha256
 
 DISTORTIONS = ("R", "RTS", "P", "E", "TC")
 OUTPUT_SIZE = {"R": 28, "RTS": 42, "P": 28, "E": 28, "TC": 60}
@@ -317,42 +320,58 @@ def _samples(distortion: str, split: str, seed: int, images: np.ndarray, labels:
                         "seed": seed, "size": [size, size], "params": p}}
 
 
-def prepare(opts: DigitsOptions) -> Dict:
-    """Write the shards and manifest.json of one distortion; returns the manifest."""
+def prepare(opts: DigitsOptions, job: JobOptions = JobOptions()) -> Optional[Dict]:
+    """Write the shards and manifest.json of one distortion; returns the manifest (None while
+    other jobs' shards are missing). Resumable and split into pieces like cub and svhn (`job`)."""
+    return run_plan(opts.out, make_plan(opts), build_shard, job)
+
+
+def make_plan(opts: DigitsOptions) -> Plan:
+    """Check the options and read the IDX files (nothing is written), then cut each split into shards."""
     if opts.distortion not in DISTORTIONS:
         raise DataPrepError(f"--distortion {opts.distortion!r}: expected one of {', '.join(DISTORTIONS)}")
     if opts.shard_size < 1:
         raise DataPrepError(f"--shard-size {opts.shard_size}: must be at least 1")
-    root, out = Path(opts.idx_root), Path(opts.out)
+    root = Path(opts.idx_root)
     if not root.is_dir():
         raise DataPrepError(f"--idx-root {root}: not a directory")
+    root = root.resolve()
     test_seed = opts.seed + 1 if opts.test_seed is None else opts.test_seed
     if test_seed == opts.seed:
         raise DataPrepError(f"--test-seed {test_seed}: must differ from --seed so the splits are distorted apart")
     classes = class_names(opts.classes, root)
     limits = {"train": opts.limit, "test": opts.limit if opts.test_limit is None else opts.test_limit}
-    data = {split: load_split(root, split, limits[split]) for split in ("train", "test")}  # fail before writing
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, seed in (("train", opts.seed), ("test", test_seed)):
-        images, labels = data[split]
-        shards = []
-        for number, start in enumerate(range(0, len(images), opts.shard_size)):
-            stop = min(start + opts.shard_size, len(images))
-            shards.append(write_shard(out / shard_name(split, number),
-                                      _samples(opts.distortion, split, seed, images, labels, start, stop)))
-        splits[split] = {"num_samples": len(images), "shards": shards, "seed": seed}
-    options = asdict(opts)
-    options.update(test_seed=test_seed, idx_root=str(root.resolve()), out=str(out))
-    manifest = {"dataset": "digits", "format_version": 1, "created_by": "python -m data_prep digits",
-                "task": "classification", "classes": classes, "image_size": OUTPUT_SIZE[opts.distortion],
-                "distortion": opts.distortion, "splits": splits, "skipped": [],
-                "source": {"root": str(root.resolve()), "options": options}}
-    write_json_atomic(out / "manifest.json", manifest)
-    return manifest
+    seeds = {"train": opts.seed, "test": test_seed}
+    specs, files = [], {}
+    for split in ("train", "test"):
+        images, _ = _split_arrays(str(root), split, limits[split])  # read and checked before anything is written
+        context = {"root": str(root), "split": split, "seed": seeds[split], "limit": limits[split],
+                   "distortion": opts.distortion}
+        specs += chunk_specs(split, [(context, index) for index in range(len(images))], opts.shard_size)
+        files.update({path.name: file_sha256(path) for path in (find_idx(root, split, kind) for kind in ("images", "labels"))})
+    # the folder's identity: what decides the bytes (the IDX files' contents, not where they are)
+    options = {"distortion": opts.distortion, "seeds": seeds, "limits": limits, "shard_size": opts.shard_size,
+               "classes": classes}
+    extra = {"task": "classification", "classes": classes, "image_size": OUTPUT_SIZE[opts.distortion],
+             "distortion": opts.distortion, "seeds": seeds}
+    return Plan("digits", specs, ["train", "test"], options, str(root), extra, plan_digest=digest([options, files]))
 
 
-def parse_args(argv: Sequence[str]) -> DigitsOptions:
+@functools.lru_cache(maxsize=2)
+def _split_arrays(root: str, split: str, limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """load_split, once per process: every shard of a split reads the same arrays (forked workers
+    inherit the planning process's copy)."""
+    return load_split(Path(root), split, limit)
+
+
+def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
+    context = spec.items[0][0]
+    images, labels = _split_arrays(context["root"], context["split"], context["limit"])
+    start, stop = spec.items[0][1], spec.items[-1][1] + 1
+    return _samples(context["distortion"], context["split"], context["seed"], images, labels, start, stop), []
+
+
+def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep digits", description=__doc__.split("\n")[0])
     p.add_argument("--idx-root", required=True, help="folder with train-/t10k- images/labels IDX files (.gz or not)")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
@@ -363,12 +382,10 @@ def parse_args(argv: Sequence[str]) -> DigitsOptions:
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test images (default: --limit)")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     p.add_argument("--classes", default="auto", help="auto | mnist | fashion-mnist | 10 comma-separated names")
+    add_job_arguments(p)
     args = p.parse_args(list(argv))
-    return DigitsOptions(**{k: v for k, v in vars(args).items()})
-
-
-def main(argv: Sequence[str]) -> int:
-    manifest = prepare(parse_args(argv))
-    counts = ", ".join(f"{s}: {v['num_samples']}" for s, v in manifest["splits"].items())
-    print(f"wrote {manifest['distortion']} digits ({counts}) to {manifest['source']['options']['out']}")
+    job = job_options(args)
+    opts = DigitsOptions(**{k: v for k, v in vars(args).items() if k in DigitsOptions.__dataclass_fields__})
+    manifest = prepare(opts, job)
+    print_summary(f"digits {opts.distortion}", manifest, opts.out)
     return 0

@@ -199,7 +199,7 @@ def test_command_writes_shards_and_manifest(idx_root, tmp_path):
     assert manifest["dataset"] == "digits" and manifest["task"] == "classification"
     assert manifest["classes"] == [str(d) for d in range(10)]
     assert manifest["source"]["options"]["distortion"] == "RTS"
-    assert (manifest["splits"]["train"]["seed"], manifest["splits"]["test"]["seed"]) == (3, 4)
+    assert manifest["seeds"] == {"train": 3, "test": 4}
     train = manifest["splits"]["train"]
     assert train["num_samples"] == 12 and [s["num_samples"] for s in train["shards"]] == [5, 5, 2]
     samples = {}
@@ -220,6 +220,31 @@ def test_command_writes_shards_and_manifest(idx_root, tmp_path):
     data_prep_main(["digits", "--idx-root", str(idx_root), "--out", str(again), "--distortion", "RTS",
                     "--seed", "3", "--shard-size", "5", "--classes", "mnist"])
     assert json.loads((again / "manifest.json").read_text())["splits"] == manifest["splits"]
+
+
+def test_command_resumes_refuses_other_output_and_splits_over_workers(idx_root, tmp_path, capsys):
+    """digits runs on the shared job machinery: a rerun keeps complete shards, a folder holding other
+    options is refused unless --overwrite, and --workers / --num-jobs write the same shards."""
+    out = tmp_path / "rts"
+    args = ["digits", "--idx-root", str(idx_root), "--out", str(out), "--distortion", "RTS", "--shard-size", "5"]
+    assert data_prep_main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    first = out / manifest["splits"]["train"]["shards"][0]["name"]
+    written = first.stat().st_mtime_ns
+    (out / manifest["splits"]["test"]["shards"][-1]["name"]).unlink()  # as if killed before the last shard
+    assert data_prep_main(args) == 0
+    assert "wrote 1 shard(s)" in capsys.readouterr().err
+    assert first.stat().st_mtime_ns == written and json.loads((out / "manifest.json").read_text()) == manifest
+    assert data_prep_main(args[:-2] + ["--shard-size", "4"]) == 2
+    assert "already holds a different data-prep output" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text()) == manifest  # refused: nothing lost
+    pieces = tmp_path / "pieces"
+    for index in (1, 0):
+        assert data_prep_main(args[:4] + [str(pieces)] + args[5:] + ["--num-jobs", "2", "--job-index", str(index)]) == 0
+    parallel = tmp_path / "workers"
+    assert data_prep_main(args[:4] + [str(parallel)] + args[5:] + ["--workers", "2"]) == 0
+    for folder in (pieces, parallel):
+        assert json.loads((folder / "manifest.json").read_text())["splits"] == manifest["splits"]
 
 
 def test_bad_options_are_errors(idx_root, tmp_path, capsys):

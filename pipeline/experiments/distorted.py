@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_prep.digits import DISTORTIONS, OUTPUT_SIZE, DigitsOptions, prepare
+from data_prep.jobs import JobOptions
 from pipeline.config import OptimConfig, ScheduleConfig
 from pipeline.models import create_model
 from pipeline.train.optim import build_optimizer, lr_multiplier
@@ -133,17 +134,12 @@ def dataset_dir(profile: DistortedProfile, distortion: str) -> Path:
 
 
 def prepare_data(profile: DistortedProfile, distortion: str) -> Path:
-    """Shards of one distortion, written by data_prep digits unless the same ones are there."""
+    """Shards of one distortion, written by data_prep digits. A folder holding the same ones keeps
+    them (data_prep finds every shard complete); one holding other data or options is replaced."""
     opts = DigitsOptions(idx_root=profile.idx_root, out=str(dataset_dir(profile, distortion)),
                          distortion=distortion, seed=profile.data_seed, limit=profile.train_limit,
                          test_limit=profile.test_limit)
-    manifest = Path(opts.out) / "manifest.json"
-    if manifest.is_file():
-        old = json.loads(manifest.read_text()).get("source", {}).get("options", {})
-        if old.get("idx_root") == str(Path(opts.idx_root).resolve()) and all(
-                old.get(k) == v for k, v in asdict(opts).items() if k not in ("idx_root", "out")):
-            return Path(opts.out)
-    prepare(opts)
+    prepare(opts, JobOptions(overwrite=True))
     return Path(opts.out)
 
 
