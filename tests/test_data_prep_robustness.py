@@ -21,16 +21,10 @@ from data_prep.__main__ import main as data_prep_main
 from data_prep.jobs import job_options_from_env
 from data_prep.shards import write_json_atomic, write_shard
 from data_prep.verify import verify
-from test_data_prep_cub import make_cub_root, raw_records, read_back
+from test_data_prep_cub import cub_root, raw_records, read_back  # noqa: F401 (cub_root: the fixture, one per module)
 
 TEXT_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
               "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt")
-
-
-@pytest.fixture(scope="module")
-def cub_root(tmp_path_factory) -> Path:
-    need(SHARED_DATA.is_dir(), f"the shared dataset samples at {SHARED_DATA}")
-    return make_cub_root(SHARED_DATA, tmp_path_factory.mktemp("cub_raw"))
 
 
 def light_copy(root: Path, dest: Path, copy_images: bool = False) -> Path:
