@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, SHARED_DATA, need, subprocess_env
+from conftest import PYTHON, SHARED_DATA, subprocess_env
 from data_prep import DataPrepError, cub
 from data_prep.__main__ import main as data_prep_main
 from data_prep.jobs import job_options_from_env
