@@ -177,7 +177,31 @@ def _stop_workers(batches) -> None:
         shutdown()
 
 
-class TrainLoader:
+class _Loader:
+    """What both loaders share: a DataLoader over a webdataset pipeline of (images, targets, metas,
+    skipped) items, and the count of corrupt samples skipped."""
+
+    def __init__(self, pipeline: Optional[wds.DataPipeline], num_workers: int, pin_memory: bool):
+        self.pipeline, self.num_workers, self.pin_memory = pipeline, num_workers, pin_memory
+        self.num_skipped = 0
+
+    def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, List[Dict[str, Any]]]]:
+        """(images, targets, metas) batches; items that only report skipped samples are counted
+        and dropped. A DataError comes out as one line; the workers stop when this generator ends
+        or is closed."""
+        batches = iter(_data_loader(self.pipeline, self.num_workers, self.pin_memory))
+        try:
+            for images, targets, metas, skipped in batches:
+                self.num_skipped += skipped
+                if images is not None:
+                    yield images, targets, metas
+        except DataError as err:
+            raise _one_line(err) from None
+        finally:
+            _stop_workers(batches)
+
+
+class TrainLoader(_Loader):
     """Endless (images uint8 (B,3,H,W), targets int64) batches of one rank.
 
     `num_skipped` counts the corrupt samples skipped so far (data.on_corrupt=skip). Each
@@ -188,9 +212,9 @@ class TrainLoader:
 
     def __init__(self, pipeline: wds.DataPipeline, seeds: _Seeds, shards: wds.ResampledShards,
                  num_workers: int, pin_memory: bool):
-        self.pipeline, self._seeds, self._shards = pipeline, seeds, shards
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.epoch, self.num_skipped = 0, 0
+        super().__init__(pipeline, num_workers, pin_memory)
+        self._seeds, self._shards = seeds, shards
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -201,23 +225,11 @@ class TrainLoader:
         self.epoch += 1
         return TrainStream(self, self._batches())
 
-    def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        batches = iter(_data_loader(self.pipeline, self.num_workers, self.pin_memory))
-        try:
-            for images, targets, _, skipped in batches:
-                self.num_skipped += skipped
-                if images is not None:
-                    yield images, targets
-        except DataError as err:
-            raise _one_line(err) from None
-        finally:
-            _stop_workers(batches)
-
 
 class TrainStream:
     """The iterator of a TrainLoader; `num_skipped` reads its loader's count (for `stream = iter(loader)`)."""
 
-    def __init__(self, loader: TrainLoader, batches: Iterator[Tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, loader: TrainLoader, batches: Iterator[Tuple[torch.Tensor, torch.Tensor, List]]):
         self.loader, self._batches = loader, batches
 
     @property
@@ -228,7 +240,8 @@ class TrainStream:
         return self
 
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        return next(self._batches)
+        images, targets, _ = next(self._batches)  # training batches' metas are empty
+        return images, targets
 
     def close(self) -> None:
         """Stop the worker processes now (call it when replacing a stream by a new one)."""
@@ -269,7 +282,7 @@ def build_train_loader(cfg: Config, manifest: Manifest, rank: int, world_size: i
     return TrainLoader(pipeline, seeds, shards, workers, pin_memory=torch.cuda.is_available())
 
 
-class EvalLoader:
+class EvalLoader(_Loader):
     """Batches (images uint8 (B,3,H,W), targets, metas) covering this rank's part of a split once.
 
     A meta holds key, shard, size (original [w, h]), bbox, parts and view ([scale_x, scale_y,
@@ -279,24 +292,13 @@ class EvalLoader:
 
     def __init__(self, pipeline: Optional[wds.DataPipeline], shard_paths: Sequence[str], num_workers: int,
                  pin_memory: bool):
-        self.pipeline, self.shard_paths = pipeline, list(shard_paths)
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.num_skipped = 0
+        super().__init__(pipeline, num_workers, pin_memory)
+        self.shard_paths = list(shard_paths)
 
     def __iter__(self):
         self.num_skipped = 0
-        if self.pipeline is None:
-            return
-        batches = iter(_data_loader(self.pipeline, self.num_workers, self.pin_memory))
-        try:
-            for images, targets, metas, skipped in batches:
-                self.num_skipped += skipped
-                if images is not None:
-                    yield images, targets, metas
-        except DataError as err:
-            raise _one_line(err) from None
-        finally:
-            _stop_workers(batches)
+        if self.pipeline is not None:
+            yield from self._batches()
 
 
 def build_eval_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
