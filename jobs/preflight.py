@@ -7,11 +7,11 @@
 `jobs/submit` runs these on the login node before `sbatch`, and every job script runs them again
 as its first step (the files may have moved while the job was queued). A failure prints one
 line, `error: ...`, naming the file, key or value, and exits 2. Only light modules are imported
-(the config schema, the sweep schema): a check takes about a second, not a torch import.
+(the config schema, the sweep schema, the manifest reader): a check takes about a second, not a
+torch import.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -29,33 +29,28 @@ class PreflightError(Exception):
 
 
 def check_data_root(root: Optional[str], splits: Sequence[str], where: str = "data.root") -> int:
-    """The shard folder exists, its manifest.json parses, names `splits`, and lists shards that exist.
+    """The shard folder holds a manifest.json that the trainer will accept (read_manifest: keys,
+    counts, every listed shard present with its listed size) and that names `splits`.
 
-    Returns the number of samples of the first split. (The trainer checks sizes and contents
-    again: this only catches what would otherwise cost a queue wait.)
+    Returns the number of samples of the first split.
     """
+    from pipeline.data.manifest import DataError, read_manifest  # json and stat: no torch
+
     if not root:
         raise PreflightError(f"{where} is not set: pass {where}=/path/to/shards (a folder holding manifest.json "
                              "from python -m data_prep) or set DATA_ROOT")
     folder = Path(root)
     if not folder.is_dir():
         raise PreflightError(f"{where}={root}: folder not found")
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
+    if not (folder / "manifest.json").is_file():
         raise PreflightError(f"{where}={root}: no manifest.json there; prepare the shards first "
                              "(python -m data_prep ... or jobs/submit prep ...)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        declared = manifest["splits"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise PreflightError(f"{manifest_path}: not a data_prep manifest ({type(err).__name__}: {err})") from None
-    for split in splits:
-        if split not in declared:
-            raise PreflightError(f"{manifest_path}: no split '{split}' (has {', '.join(sorted(declared)) or 'none'})")
-        for shard in declared[split].get("shards", []):
-            if not (folder / shard["name"]).is_file():
-                raise PreflightError(f"{manifest_path}: shard {shard['name']} of split '{split}' is missing")
-    return int(declared[splits[0]].get("num_samples", 0)) if splits else 0
+        manifest = read_manifest(folder)
+        counts = [manifest.num_samples(split) for split in splits]  # an unknown split is named here
+    except DataError as err:
+        raise PreflightError(str(err)) from None
+    return counts[0] if counts else 0
 
 
 def check_train(config: Optional[str], overrides: Sequence[str], world_size: Optional[int] = None):

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, need_program, subprocess_env
+from conftest import PYTHON, REPO, need_program, subprocess_env
+from pipeline.data.manifest import read_manifest
 from shard_fixtures import write_tiny_cub_shards
 
 JOB_SCRIPTS = ["jobs/slurm/train.sbatch", "jobs/slurm/prep.sbatch", "jobs/slurm/sweep.sbatch",
@@ -124,13 +126,19 @@ def test_submit_cpu_job_passes_worker_count_and_returns_the_job_id(tmp_path, sha
     ("missing_data_root", "folder not found"),
     ("no_data_root", "data.root is not set"),
     ("no_manifest", "no manifest.json"),
+    ("shard_resized", "bytes but the manifest says"),  # the trainer's own manifest check, before the queue
     ("unknown_key", "unknown key 'optim.lr_typo'"),
     ("indivisible_batch", "not divisible by the world size 12"),
 ])
 def test_bad_input_is_refused_before_sbatch(case, expected, tmp_path, shards, fake_sbatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    root = {"missing_data_root": tmp_path / "nowhere", "no_data_root": None, "no_manifest": empty}.get(case, shards)
+    resized = tmp_path / "resized"
+    shutil.copytree(shards, resized)
+    with open(next(resized.glob("train-*.tar")), "ab") as shard:
+        shard.write(b"\0" * 512)
+    root = {"missing_data_root": tmp_path / "nowhere", "no_data_root": None, "no_manifest": empty,
+            "shard_resized": resized}.get(case, shards)
     config = write_config(tmp_path, data={"root": str(root) if root else None}, train={"global_batch_size": 64})
     args = {"missing_config": [tmp_path / "missing.yaml"], "unknown_key": [config, "optim.lr_typo=1"],
             "indivisible_batch": [config, "--nodes", "3", "--gpus-per-node", "4"]}.get(case, [config])
@@ -139,6 +147,15 @@ def test_bad_input_is_refused_before_sbatch(case, expected, tmp_path, shards, fa
     assert res.stderr.splitlines()[0].startswith("error: ") and expected in res.stderr.splitlines()[0], res.stderr
     assert "nothing submitted" in res.stderr
     assert calls(fake_sbatch) == []
+
+
+def test_preflight_reads_the_manifest_without_importing_torch(shards):
+    code = ("import sys; sys.path.insert(0, 'jobs'); import preflight; "
+            f"n = preflight.check_data_root({str(shards)!r}, ['train', 'test']); "
+            "print(n, 'torch' in sys.modules)")
+    res = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(read_manifest(shards).num_samples("train")), "False"]
 
 
 def test_prep_submits_array_then_dependent_finalising_job(tmp_path, fake_sbatch):
