@@ -322,6 +322,15 @@ def test_normalize_on_device_matches_float_reference():
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="uint8"):
         normalize(images.float(), mean, std)
+    # the constants are kept per device; ones first made in inference mode serve a training step
+    other_mean = [0.5, 0.25, 0.125]
+    with torch.inference_mode():
+        normalize(images, other_mean, std)
+    weight = torch.ones(1, 3, 1, 1, requires_grad=True)
+    (normalize(images, other_mean, std) * weight).sum().backward()
+    expected = ((images.float() / 255 - torch.tensor(other_mean).view(1, 3, 1, 1))
+                / torch.tensor(std).view(1, 3, 1, 1)).sum((0, 2, 3))
+    torch.testing.assert_close(weight.grad.view(3), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_truncated_jpeg_is_a_corrupt_sample():
