@@ -246,7 +246,7 @@ _TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])  # withou
 _ZEROS = memoryview(bytes(_BLOCK))
 # json.dumps's output; without its check for circular references (a third of its time on a CUB
 # sample's json: samples are fresh trees of dicts and lists, a cycle would recurse until it errs)
-_json_text = json.JSONEncoder(check_circular=False).encode
+json_text = json.JSONEncoder(check_circular=False).encode
 
 
 def _encode(field: str, value: Any) -> bytes:
@@ -258,7 +258,7 @@ def _encode(field: str, value: Any) -> bytes:
     if extension in _CLS_EXTENSIONS:
         return str(value).encode("ascii")
     if extension in ("json", "jsn"):
-        return _json_text(value).encode("utf-8")
+        return json_text(value).encode("utf-8")
     from webdataset.writer import default_handlers, encode_based_on_extension1  # rare types: arrays, tensors
 
     return encode_based_on_extension1(value, field, default_handlers)
