@@ -213,21 +213,18 @@ def _append_sample(out: bytearray, sample: Dict[str, Any]) -> None:
         out += _ZEROS[:-len(data) % _BLOCK]  # a view: no new zero bytes per member
 
 
-def _ustar_header(name: str, size: int) -> bytes | bytearray:
-    """The 512-byte header tarfile writes for a regular file (a few us instead of tarfile's ~100)."""
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for a regular file (~1 us instead of tarfile's ~100)."""
     encoded = name.encode("utf-8")
     if len(encoded) > 100 or not name.isascii():  # needs a pax header: let tarfile build it
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = size, SHARD_MTIME, _TAR_MODE
         info.uname = info.gname = _TAR_USER
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    header = bytearray(_HEADER_TEMPLATE)
-    header[0:len(encoded)] = encoded
     size_field = b"%011o\0" % size
-    header[124:136] = size_field
-    # checksum: the template's byte sum (checksum field as 8 spaces) with the name and size swapped in
-    header[148:155] = b"%06o\0" % (_TEMPLATE_SUM + sum(encoded) + sum(size_field))
-    return header
+    # checksum: the template's byte sum (checksum field as 8 spaces) with the name and size added
+    checksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(encoded) + sum(size_field))
+    return b"".join((encoded, _ZEROS[len(encoded):100], _MODE_TO_SIZE, size_field, _MTIME, checksum, _TYPE_TO_END))
 
 
 def _header_template() -> bytes:
@@ -244,6 +241,9 @@ _BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 _HEADER_TEMPLATE = _header_template()
 _TEMPLATE_SUM = sum(_HEADER_TEMPLATE) - sum(_HEADER_TEMPLATE[124:136])  # without its (zero) size field
 _ZEROS = memoryview(bytes(_BLOCK))
+# the template's fields between name and size (mode, uid, gid), between size and checksum (mtime),
+# and after the checksum (type, link name, magic, owner names, ...): the same in every header
+_MODE_TO_SIZE, _MTIME, _TYPE_TO_END = _HEADER_TEMPLATE[100:124], _HEADER_TEMPLATE[136:148], _HEADER_TEMPLATE[156:]
 # json.dumps's output; without its check for circular references (a third of its time on a CUB
 # sample's json: samples are fresh trees of dicts and lists, a cycle would recurse until it errs)
 json_text = json.JSONEncoder(check_circular=False).encode

@@ -100,3 +100,13 @@ def test_read_file_reads_whole_files_through_short_reads(tmp_path, monkeypatch):
     assert shards.read_file(str(tmp_path / "big.jpg")) == data
     with pytest.raises(FileNotFoundError):
         shards.read_file(str(tmp_path / "missing.jpg"))
+
+
+@pytest.mark.parametrize("name_length, size", [(1, 0), (10, 1), (99, 70_000), (100, 8**11 - 1)])
+def test_member_headers_equal_tarfiles(name_length, size):
+    from data_prep.shards import _TAR_MODE, _TAR_USER, _ustar_header
+
+    info = tarfile.TarInfo("n" * name_length)
+    info.size, info.mtime, info.mode = size, SHARD_MTIME, _TAR_MODE
+    info.uname = info.gname = _TAR_USER
+    assert _ustar_header(info.name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
