@@ -386,13 +386,17 @@ def _held_identity(out: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _first_difference(held: Dict[str, Any], wanted: Dict[str, Any]) -> str:
+def _first_difference(held: Dict[str, Any], wanted: Dict[str, Any], prefix: str = "") -> str:
+    """The first key whose value differs, down to the option: 'options.shard_size: 45 there, 30 now'."""
     for key in sorted(set(held) | set(wanted)):
-        if held.get(key) != wanted.get(key):
-            old, new = held.get(key), wanted.get(key)
-            if key == "plan_digest":
-                return "the raw data or the selected samples differ"
-            return f"{key}: {json.dumps(old)[:60]} there, {json.dumps(new)[:60]} now"
+        old, new = held.get(key), wanted.get(key)
+        if old == new:
+            continue
+        if key == "plan_digest":
+            return "the raw data or the selected samples differ"
+        if isinstance(old, dict) and isinstance(new, dict):
+            return _first_difference(old, new, f"{prefix}{key}.")
+        return f"{prefix}{key}: {json.dumps(old)[:60]} there, {json.dumps(new)[:60]} now"
     return "unknown difference"
 
 

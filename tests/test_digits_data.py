@@ -236,7 +236,7 @@ def test_command_resumes_refuses_other_output_and_splits_over_workers(idx_root, 
     assert "wrote 1 shard(s)" in capsys.readouterr().err
     assert first.stat().st_mtime_ns == written and json.loads((out / "manifest.json").read_text()) == manifest
     assert data_prep_main(args[:-2] + ["--shard-size", "4"]) == 2
-    assert "already holds a different data-prep output" in capsys.readouterr().err
+    assert "already holds a different data-prep output (options.shard_size: 5 there, 4 now)" in capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text()) == manifest  # refused: nothing lost
     pieces = tmp_path / "pieces"
     for index in (1, 0):
