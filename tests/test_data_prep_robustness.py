@@ -133,9 +133,9 @@ def test_output_holding_other_data_refused_unless_overwrite(cub_root, tmp_path, 
     out = tmp_path / "out"
     cub.prepare(cub_root, out, shard_size=5)
     assert (out / "train-000005.tar").exists()
-    with pytest.raises(DataPrepError, match=r"different data-prep output \(options: .*shard_size.*--overwrite"):
+    with pytest.raises(DataPrepError, match=r"different data-prep output \(options.shard_size: 5 there, 7 now\).*--overwrite"):
         cub.prepare(cub_root, out, shard_size=7)
-    with pytest.raises(DataPrepError, match="different data-prep output"):
+    with pytest.raises(DataPrepError, match=r"different data-prep output \(options.classes: null there, \[1, 2\] now\)"):
         cub.prepare(cub_root, out, classes="1-2", shard_size=5)
     assert data_prep_main(["svhn", "--root", str(SHARED_DATA / "svhn"), "--split", "test", "--skip-missing",
                            "--out", str(out)]) == 2
