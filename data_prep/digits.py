@@ -23,7 +23,7 @@ import argparse
 import functools
 import gzip
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -343,6 +343,7 @@ def make_plan(opts: DigitsOptions) -> Plan:
     limits = {"train": opts.limit, "test": opts.limit if opts.test_limit is None else opts.test_limit}
     seeds = {"train": opts.seed, "test": test_seed}
     specs, files = [], {}
+    _split_arrays.cache_clear()  # read the files as they are now, not as an earlier plan in this process saw them
     for split in ("train", "test"):
         images, _ = _split_arrays(str(root), split, limits[split])  # read and checked before anything is written
         context = {"root": str(root), "split": split, "seed": seeds[split], "limit": limits[split],
@@ -359,8 +360,8 @@ def make_plan(opts: DigitsOptions) -> Plan:
 
 @functools.lru_cache(maxsize=2)
 def _split_arrays(root: str, split: str, limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """load_split, once per process: every shard of a split reads the same arrays (forked workers
-    inherit the planning process's copy)."""
+    """load_split, once per plan and process: every shard of a split reads the same arrays (forked
+    workers inherit the planning process's copy)."""
     return load_split(Path(root), split, limit)
 
 
