@@ -178,3 +178,23 @@ def test_resume_takes_the_newer_of_rays_checkpoint_and_the_trainers_last(tmp_pat
     ("PENDING", None, None, "not started"), (None, None, 8, "finished")])
 def test_trial_status_tells_early_stopped_from_interrupted(tune_status, error, step, expected):
     assert _status(tune_status, error, step, max_steps=8) == expected
+
+
+@pytest.mark.parametrize("scheduler, kind, grace", [
+    ({"name": "asha"}, "AsyncHyperBandScheduler", None),
+    ({"name": "median"}, "MedianStoppingRule", "eval_every"),
+    ({"name": "median", "grace_period": 3, "min_samples_required": 2}, "MedianStoppingRule", 3),
+    ({"name": "none"}, "FIFOScheduler", None),
+])
+def test_each_scheduler_is_built_with_the_trainer_step_as_its_clock(tmp_path, scheduler, kind, grace):
+    """The sweep file's scheduler options reach Ray's scheduler under Ray's own argument names."""
+    from pipeline.tune.runner import _scheduler
+
+    sweep = load_sweep(_write(tmp_path, scheduler=scheduler, overrides=["train.eval_every=25"]))
+    built = _scheduler(sweep)
+    assert type(built).__name__ == kind
+    if kind != "FIFOScheduler":
+        assert built._time_attr == "step"  # survives resumes, unlike training_iteration
+    if kind == "MedianStoppingRule":
+        assert built._grace_period == (25 if grace == "eval_every" else grace)
+        assert built._min_samples_required == scheduler.get("min_samples_required", 3)
