@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import io
 import os
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from itertools import chain
@@ -28,7 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from . import DataPrepError
 from ._cli import add_job_arguments, job_kwargs, print_summary
 from .jobs import ExistsCheck, JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
-from .shards import file_sha256, json_text, read_file
+from .shards import file_sha256, json_text, read_files_ahead
 
 SPLITS = ("train", "test")
 METADATA_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
@@ -391,21 +392,21 @@ def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
     skipped: List[Dict[str, str]] = []
 
     def samples():
-        for root, check, item in spec.items:
-            path = os.path.join(root, "images", item["file"])
-            data = read_file(path)
-            try:
-                width, height, mode = inspect_jpeg(data, full=check == "full")
-            except BadImage as err:
-                if strict:
-                    raise DataPrepError(f"{path}: {err} (image id {item['id']}; drop --strict to skip it)") from None
-                skipped.append({"key": item["key"], "reason": f"corrupt: images/{item['file']}: {err}"})
-                continue
-            meta = {"id": item["id"], "file": item["file"], "class_id": item["class_id"], "label": item["label"],
-                    "class_name": item["class_name"], "size": [width, height], "mode": mode, "bbox": item["bbox"]}
-            # json.dumps of meta with "parts" last, the parts' text made while planning
-            text = f'{json_text(meta)[:-1]}, "parts": {item["parts_json"]}}}'
-            yield {"__key__": item["key"], "jpg": data, "cls": item["label"], "json": text.encode()}
+        paths = [os.path.join(root, "images", item["file"]) for root, _, item in spec.items]
+        with closing(read_files_ahead(paths)) as images:  # stopped early: no file left open
+            for (_, check, item), path, data in zip(spec.items, paths, images):
+                try:
+                    width, height, mode = inspect_jpeg(data, full=check == "full")
+                except BadImage as err:
+                    if strict:
+                        raise DataPrepError(f"{path}: {err} (image id {item['id']}; drop --strict to skip it)") from None
+                    skipped.append({"key": item["key"], "reason": f"corrupt: images/{item['file']}: {err}"})
+                    continue
+                meta = {"id": item["id"], "file": item["file"], "class_id": item["class_id"], "label": item["label"],
+                        "class_name": item["class_name"], "size": [width, height], "mode": mode, "bbox": item["bbox"]}
+                # json.dumps of meta with "parts" last, the parts' text made while planning
+                text = f'{json_text(meta)[:-1]}, "parts": {item["parts_json"]}}}'
+                yield {"__key__": item["key"], "jpg": data, "cls": item["label"], "json": text.encode()}
 
     return samples(), skipped
 

@@ -13,8 +13,9 @@ import queue
 import socket
 import tarfile
 import threading
+from collections import deque
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 FORMAT_VERSION = 1
 
@@ -277,18 +278,56 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_file(path: str) -> bytes:
-    """A whole file's bytes, with os-level calls: ~3 us less a file than open().read(), whose
-    buffered file object is not needed for one read (11,788 CUB images: 40 ms of a one-worker job)."""
-    fd = os.open(path, os.O_RDONLY)
+def read_files_ahead(paths: Iterable[str], depth: int = 32) -> Iterator[bytes]:
+    """Each file's bytes, in order, while the next `depth` files are already open and the kernel
+    has been asked to read them (POSIX_FADV_WILLNEED). Reads use os-level calls (open, fstat,
+    read): ~3 us less a file than open().read(), whose buffered file object one read does not need. From a cold disk many reads are then in
+    flight at once instead of one: CUB's 11,788 images in 0.7-0.8 s instead of 1.8-1.9 s on the
+    development VM; from the page cache it costs one system call a file. An error opening a file
+    (e.g. it vanished) is raised when that file's turn comes."""
+    upcoming = iter(paths)
+    opened: Deque[Tuple[str, Any]] = deque()  # (path, fd or the OSError of opening it)
+
+    def open_next() -> None:
+        path = next(upcoming, None)
+        if path is None:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            opened.append((path, err))
+            return
+        opened.append((path, fd))
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except (AttributeError, OSError):  # no fadvise (macOS), or not a regular file: only a hint
+            pass
+
     try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)  # one byte more: a file that grew since the fstat is seen
-        if len(data) != size:  # a short read (network file systems may) or a growing file: read to the end
-            data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
-        return data
-    finally:
-        os.close(fd)
+        for _ in range(depth):
+            open_next()
+        while opened:
+            path, fd = opened.popleft()
+            open_next()
+            if isinstance(fd, OSError):
+                raise fd
+            try:
+                data = _read_all(fd)
+            finally:
+                os.close(fd)
+            yield data
+    finally:  # stopped early (an error, a --strict image): close what was opened ahead
+        for _, fd in opened:
+            if not isinstance(fd, OSError):
+                os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    data = os.read(fd, size + 1)  # one byte more: a file that grew since the fstat is seen
+    if len(data) != size:  # a short read (network file systems may) or a growing file: read to the end
+        data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    return data
 
 
 def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:

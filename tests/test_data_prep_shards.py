@@ -87,19 +87,32 @@ def test_writer_error_reaches_the_caller_and_removes_the_temporary_file(tmp_path
     assert os.listdir(tmp_path) == []
 
 
-def test_read_file_reads_whole_files_through_short_reads(tmp_path, monkeypatch):
+def test_files_read_ahead_whole_in_order_through_short_reads_and_errors_in_turn(tmp_path, monkeypatch):
     from data_prep import shards
 
-    data = np.random.default_rng(1).bytes(3 * (1 << 20) + 17)
-    (tmp_path / "big.jpg").write_bytes(data)
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    assert shards.read_file(str(tmp_path / "big.jpg")) == data
-    assert shards.read_file(str(tmp_path / "empty.jpg")) == b""
+    rng = np.random.default_rng(1)
+    contents = [rng.bytes(3 * (1 << 20) + 17), b"", rng.bytes(1000)] + [rng.bytes(n) for n in range(5, 50)]
+    paths = []
+    for i, data in enumerate(contents):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        (tmp_path / f"{i}.jpg").write_bytes(data)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    assert list(shards.read_files_ahead(paths, depth=4)) == contents
     real_read = os.read
     monkeypatch.setattr(shards.os, "read", lambda fd, n: real_read(fd, min(n, 100_000)))  # as NFS may
-    assert shards.read_file(str(tmp_path / "big.jpg")) == data
+    assert list(shards.read_files_ahead(paths)) == contents
+    monkeypatch.undo()
+    # a file that vanished is an error when its turn comes, after the files before it
+    missing = paths[:2] + [str(tmp_path / "gone.jpg")] + paths[2:]
+    reader = shards.read_files_ahead(missing, depth=8)
+    assert [next(reader), next(reader)] == contents[:2]
     with pytest.raises(FileNotFoundError):
-        shards.read_file(str(tmp_path / "missing.jpg"))
+        next(reader)
+    # stopped early (as a --strict error stops a shard): the files opened ahead are closed
+    reader = shards.read_files_ahead(paths, depth=8)
+    next(reader)
+    reader.close()
+    assert len(os.listdir("/proc/self/fd")) == open_fds
 
 
 @pytest.mark.parametrize("name_length, size", [(1, 0), (10, 1), (99, 70_000), (100, 8**11 - 1)])
