@@ -211,6 +211,7 @@ def summarise(runs: dict, images: int) -> dict:
     prep = [k for k in runs if k.startswith("data_prep")]
     return {
         "seconds_median": {k: round(v, 3) for k, v in median.items()},
+        "seconds_each": {k: [round(wall, 3) for wall, _ in times] for k, times in runs.items()},  # spread, outliers
         "cpu_seconds_median": {k: round(v, 3) for k, v in cpu.items()},
         "samples_per_s": {k: round(images / v, 1) for k, v in median.items()},
         # how many times slower than each baseline (wall clock; and in CPU time, which a busy
