@@ -280,13 +280,16 @@ def file_sha256(path: str | Path) -> str:
 
 def read_files_ahead(paths: Iterable[str], depth: int = 32) -> Iterator[bytes]:
     """Each file's bytes, in order, while the next `depth` files are already open and the kernel
-    has been asked to read them (POSIX_FADV_WILLNEED). Reads use os-level calls (open, fstat,
-    read): ~3 us less a file than open().read(), whose buffered file object one read does not need. From a cold disk many reads are then in
-    flight at once instead of one: CUB's 11,788 images in 0.7-0.8 s instead of 1.8-1.9 s on the
-    development VM; from the page cache it costs one system call a file. An error opening a file
-    (e.g. it vanished) is raised when that file's turn comes."""
+    has been asked to read them (POSIX_FADV_WILLNEED).
+
+    From a cold disk many reads are then in flight at once instead of one: CUB's 11,788 images in
+    0.7-0.8 s instead of 1.8-1.9 s on the development VM; from the page cache it costs one system
+    call a file. Reads use os-level calls (open, fstat, read): ~3 us a file less than
+    open().read(), whose buffered file object one read does not need. An error opening a file
+    (e.g. it vanished) is raised when that file's turn comes.
+    """
     upcoming = iter(paths)
-    opened: Deque[Tuple[str, Any]] = deque()  # (path, fd or the OSError of opening it)
+    opened: Deque[Any] = deque()  # an fd, or the OSError of opening that file
 
     def open_next() -> None:
         path = next(upcoming, None)
@@ -295,9 +298,9 @@ def read_files_ahead(paths: Iterable[str], depth: int = 32) -> Iterator[bytes]:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as err:
-            opened.append((path, err))
+            opened.append(err)
             return
-        opened.append((path, fd))
+        opened.append(fd)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except (AttributeError, OSError):  # no fadvise (macOS), or not a regular file: only a hint
@@ -307,7 +310,7 @@ def read_files_ahead(paths: Iterable[str], depth: int = 32) -> Iterator[bytes]:
         for _ in range(depth):
             open_next()
         while opened:
-            path, fd = opened.popleft()
+            fd = opened.popleft()
             open_next()
             if isinstance(fd, OSError):
                 raise fd
@@ -317,7 +320,7 @@ def read_files_ahead(paths: Iterable[str], depth: int = 32) -> Iterator[bytes]:
                 os.close(fd)
             yield data
     finally:  # stopped early (an error, a --strict image): close what was opened ahead
-        for _, fd in opened:
+        for fd in opened:
             if not isinstance(fd, OSError):
                 os.close(fd)
 
