@@ -17,7 +17,6 @@ Then check the result with `python -m data_prep verify OUT`.
 """
 from __future__ import annotations
 
-import gc
 import io
 import os
 from contextlib import closing
@@ -322,19 +321,6 @@ def parse_classes(spec: Any, known: Iterable[int]) -> Optional[Tuple[int, ...]]:
 def make_plan(root: str | Path, classes: Any = None, limit: Optional[int] = None,
               shard_size: Optional[int] = None, skip_missing: bool = False, check: str = "fast") -> Plan:
     """Read and check all metadata (nothing is written), then cut the split lists into shards."""
-    # ~200k lists and dicts, none of them in a cycle: the cyclic collector would walk them over and
-    # over while they are made (a third of the planning time), so it waits until the plan is done
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        return _make_plan(root, classes, limit, shard_size, skip_missing, check)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def _make_plan(root: str | Path, classes: Any, limit: Optional[int], shard_size: Optional[int],
-               skip_missing: bool, check: str) -> Plan:
     root = Path(root).resolve()
     if check not in CHECKS:
         raise DataPrepError(f"--check must be one of {', '.join(CHECKS)}, got {check!r}")
