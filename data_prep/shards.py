@@ -333,17 +333,23 @@ def _read_all(fd: int) -> bytes:
     return data
 
 
-def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:
-    """Write JSON to a temporary name, then rename. durable=False skips the fsync (~10 ms on
-    network disks) where a lost file after a power cut is harmless, e.g. resume bookkeeping."""
+def write_text_atomic(path: str | Path, text: str, durable: bool = True) -> None:
+    """Write `text` to a temporary name beside `path`, then rename: readers never see half a file.
+    durable=False skips the fsync (~10 ms on network disks) where a file lost to a power cut is
+    harmless, e.g. resume bookkeeping or a run's config.yaml."""
     path = Path(path)
     tmp = _tmp_path(path)
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         if durable:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:
+    """write_text_atomic of `obj` as indented JSON."""
+    write_text_atomic(path, json.dumps(obj, indent=1), durable)
 
 
 def encode_png(array) -> bytes:

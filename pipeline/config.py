@@ -265,18 +265,13 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a hidden temporary name beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (a run directory's config.yaml)."""
+    from data_prep.shards import write_text_atomic  # here: loading a config needs none of data_prep
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), durable=False)
 
 
 def from_dict(values: Dict[str, Any], source: str = "dict") -> Config:

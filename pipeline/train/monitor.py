@@ -16,7 +16,7 @@ from typing import Dict
 
 from tqdm import tqdm
 
-from pipeline.config import write_text_atomic
+from data_prep.shards import write_text_atomic
 from pipeline.metrics import flatten
 
 log = logging.getLogger("pipeline.train")
@@ -33,7 +33,7 @@ def drop_lines_after(path: Path, step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
         except ValueError:  # the line a SIGKILL cut short
             continue
-    write_text_atomic(path, "".join(kept))
+    write_text_atomic(path, "".join(kept), durable=False)
 
 
 class Window:

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from pipeline.config import to_dict, write_text_atomic
+from data_prep.shards import write_text_atomic
+from pipeline.config import to_dict
 from pipeline.tune.sweep import SweepConfig, SweepError, num_grid_points, scheduler_options
 from pipeline.tune.trial import TrialPlan, run_trial, trial_overrides
 
@@ -162,7 +163,7 @@ def build_tuner(sweep: SweepConfig, resume: bool = False):
     if resume:
         raise SweepError(f"--resume: no sweep to resume in {exp_dir}")
     exp_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(exp_dir / SWEEP_FILE, yaml.safe_dump(sweep.to_dict(), sort_keys=False))
+    write_text_atomic(exp_dir / SWEEP_FILE, yaml.safe_dump(sweep.to_dict(), sort_keys=False), durable=False)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(sweep),
@@ -315,7 +316,7 @@ def write_best_config(sweep: SweepConfig, row: Dict[str, Any], path: Path) -> Pa
     header = (f"# python -m pipeline.train --config {path}\n"
               f"# Best trial {row['trial']} of sweep '{sweep.name}': {sweep.metric}={_fmt(row[sweep.metric])} "
               f"at step {row['step']}; the full resolved config (edit run.dir to train elsewhere).\n")
-    write_text_atomic(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, header + yaml.safe_dump(to_dict(cfg), sort_keys=False), durable=False)
     return path
 
 
@@ -327,8 +328,9 @@ def summarise(sweep: SweepConfig, results) -> SweepResult:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(exp_dir / "trials.csv", buf.getvalue())
-    write_text_atomic(exp_dir / "trials.md", f"# Sweep '{sweep.name}': {sweep.metric} ({sweep.mode})\n\n{table}\n")
+    write_text_atomic(exp_dir / "trials.csv", buf.getvalue(), durable=False)
+    write_text_atomic(exp_dir / "trials.md", f"# Sweep '{sweep.name}': {sweep.metric} ({sweep.mode})\n\n{table}\n",
+                      durable=False)
     best = best_row(rows, sweep.metric, sweep.mode)
     best_path = write_best_config(sweep, best, exp_dir / "best_config.yaml") if best else None
     counts: Dict[str, int] = {}
