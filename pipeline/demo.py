@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -62,17 +62,20 @@ def train(config: Path, shards: Path, run_dir: Path, nproc: int, overrides: List
           "train.resume=auto", *overrides])
 
 
+def _best_checkpoint(run_dir: Path) -> Path:
+    best = run_dir / "checkpoints" / "best.pt"
+    return best if best.exists() else run_dir / "checkpoints" / "last.pt"
+
+
 def evaluate(run_dir: Path) -> dict:
-    ckpt = run_dir / "checkpoints" / "best.pt"
-    if not ckpt.exists():
-        ckpt = run_dir / "checkpoints" / "last.pt"
+    ckpt = _best_checkpoint(run_dir)
     _stage(f"evaluating {ckpt} on the test split")
     out = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(ckpt), "--split", "test"],
                          check=True, env=_child_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _stream_tables(metrics: dict) -> List[str]:
+def _stream_tables(metrics: dict, initial_hits: Sequence[dict] = ()) -> List[str]:
     """Markdown tables of the per-stream window statistics and part hit-rates from evaluation."""
     streams = (metrics.get("windows") or {}).get("streams") or []
     if not streams:
@@ -90,19 +93,104 @@ def _stream_tables(metrics: dict) -> List[str]:
                   "| stream | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
         lines += [f"| {i} | " + " | ".join(f"{h.get(p, float('nan')):.2f}" for p in parts) + " |"
                   for i, h in enumerate(hits)]
+        lines += [f"| {i} at initialisation | " + " | ".join(f"{h.get(p, float('nan')):.2f}" for p in parts) + " |"
+                  for i, h in enumerate(initial_hits)]
     return lines
 
 
-def write_report(out: Path, run_dir: Path, metrics: dict, baseline: Optional[dict], seconds: float) -> Path:
-    pictures = sorted((run_dir / "viz").glob("*.png"))
+def _class_caption(name: str) -> str:
+    """'007.Barred_crowned_Spotted_winged_Finch' -> 'Barred crown, Spotted wing' (other names as they are)."""
+    words = name.split(".", 1)[-1].split("_")
+    if len(words) == 5 and words[1] == "crowned" and words[3] == "winged":
+        return f"{words[0]} crown, {words[2]} wing"
+    return name.split(".", 1)[-1].replace("_", " ")
+
+
+def _load_model(checkpoint: Path):
+    """(model in eval mode, its config) rebuilt from a checkpoint, as pipeline.evaluate does."""
+    from pipeline.evaluate import checkpoint_config
+    from pipeline.models import build_model
+    from pipeline.train import checkpoint as ckpt
+
+    state = ckpt.load(checkpoint)
+    cfg = checkpoint_config(state, [], str(checkpoint))
+    model = build_model(cfg.model)
+    ckpt.load_weights(model, state["model"], checkpoint, cfg.model.name)
+    return model.eval(), cfg
+
+
+def initial_part_hit_rate(checkpoint: Path) -> List[dict]:
+    """Part hit-rates of the windows the model starts from (its localisation head predicts the
+    same tiling for every image at initialisation), scored on the test split like the trained ones."""
+    import torch
+
+    from pipeline.data import read_manifest
+    from pipeline.evaluation import evaluate
+    from pipeline.models import build_model
+
+    _, cfg = _load_model(checkpoint)
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_model(cfg.model).eval()
+    metrics = evaluate(fresh, cfg, read_manifest(cfg.data.root), "test", "cpu", num_workers=0)
+    return metrics.get("part_hit_rate") or []
+
+
+def draw_attention(checkpoint: Path, path: Path, count: int = 6) -> Path:
+    """The README picture: `count` test images with each stream's learnt window, the crops, and
+    the true and predicted class beside them."""
+    import torch
+
+    from pipeline.data import build_eval_loader, normalize, read_manifest
+    from pipeline.train.viz import attention_picture
+
+    model, cfg = _load_model(checkpoint)
+    manifest = read_manifest(cfg.data.root)
+    loader = build_eval_loader(cfg, manifest, "test", rank=0, world_size=1, batch_size=count, num_workers=0)
+    images, targets, _ = next(iter(loader))[:3]
+    with torch.no_grad():
+        x = normalize(images, cfg.data.mean, cfg.data.std)
+        seen = model.attend(x)
+        predicted = model.classify(seen["crops"]).argmax(1)
+    names = [_class_caption(c) for c in manifest.classes]
+    captions = [f"true: {names[t]}\npred: {names[p]}" + ("" if t == p else "  (wrong)")
+                for t, p in zip(targets.tolist(), predicted.tolist())]
+    legend = [f"stream {i}" for i in range(seen["boxes"].shape[1])]
+    return attention_picture(images, seen["boxes"], seen["crops"], cfg.data.mean, cfg.data.std, path,
+                             captions=captions, legend=legend)
+
+
+def _per_stream(rates: List[dict]) -> Dict[str, dict]:
+    return {f"stream_{i}": {part: round(v, 4) for part, v in r.items()} for i, r in enumerate(rates)}
+
+
+def write_report_json(out: Path, metrics: dict, initial_hits: List[dict], baseline: Optional[dict]) -> Path:
+    """demo_out/report.json: what the demo found, for programs (fractions in [0, 1])."""
+    from data_prep.shards import write_json_atomic
+
+    windows = (metrics.get("windows") or {}).get("streams") or []
+    report = {"st": {"top1": metrics.get("top1"), "num_samples": metrics.get("num_samples"),
+                     "part_hit_rate": _per_stream(metrics.get("part_hit_rate") or []),
+                     "initial_part_hit_rate": _per_stream(initial_hits),
+                     "windows": windows},
+              "baseline": None if baseline is None else {"top1": baseline.get("top1"),
+                                                         "num_samples": baseline.get("num_samples")}}
+    path = out / "report.json"
+    write_json_atomic(path, report)
+    return path
+
+
+def write_report(out: Path, run_dir: Path, metrics: dict, baseline: Optional[dict], seconds: float,
+                 initial_hits: Sequence[dict] = (), picture: Optional[Path] = None) -> Path:
+    pictures = [picture] if picture else sorted((run_dir / "viz").glob("*.png"))[-1:]
     lines = ["# Demo report", "",
              f"- test accuracy (2xST-CNN): **{metrics.get('top1', float('nan')):.3f}** on {metrics.get('num_samples')} images"]
     if baseline is not None:
         lines.append(f"- test accuracy (bare backbone, same data and budget): **{baseline.get('top1', float('nan')):.3f}**")
     lines += [f"- wall time: {seconds / 60:.1f} min", f"- run directory: {run_dir}",
               f"- metrics: {run_dir / 'metrics.jsonl'}", f"- checkpoints: {run_dir / 'checkpoints'}",
-              f"- attention pictures: {', '.join(str(p) for p in pictures[-1:]) or 'none'}", ""]
-    table = _stream_tables(metrics)
+              f"- attention picture: {', '.join(str(p) for p in pictures) or 'none'}",
+              f"- for programs: {out / 'report.json'}", ""]
+    table = _stream_tables(metrics, initial_hits)
     if table:
         lines += ["## Per-stream attention", ""] + table + [""]
     lines += ["## All metrics", "", "```json", json.dumps(metrics, indent=1), "```", ""]
@@ -126,16 +214,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     shards = make_dataset(args.out, args.classes, args.images_per_class, args.size, args.seed)
-    overrides = [f"model.num_classes={args.classes}", *args.overrides]
+    # --seed draws the data set and the training run's initialisation and order alike: a demo seed.
+    overrides = [f"model.num_classes={args.classes}", f"train.seed={args.seed}", *args.overrides]
     run_dir = args.out / "run"
     train(DEMO_CONFIG, shards, run_dir, args.nproc, overrides)
     metrics = evaluate(run_dir)
+    checkpoint = _best_checkpoint(run_dir)
+    initial_hits = initial_part_hit_rate(checkpoint)
+    picture = draw_attention(checkpoint, args.out / "attention.png")
     baseline = None
     if args.baseline:
         base_dir = args.out / "run_baseline"
         train(BASELINE_CONFIG, shards, base_dir, args.nproc, overrides)
         baseline = evaluate(base_dir)
-    report = write_report(args.out, run_dir, metrics, baseline, time.time() - start)
+    write_report_json(args.out, metrics, initial_hits, baseline)
+    report = write_report(args.out, run_dir, metrics, baseline, time.time() - start, initial_hits, picture)
     _stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(report.read_text())
     return 0

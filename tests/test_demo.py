@@ -26,3 +26,12 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert f"on {test_images} images" in report
     hit_table = report.split("Part hit-rate")[1]
     assert all(f" {part} |" in hit_table for part in manifest["parts"])  # one column per part, both streams
+    found = json.loads((out / "report.json").read_text())
+    assert found["st"]["num_samples"] == test_images and found["baseline"] is None
+    assert 0.0 <= found["st"]["top1"] <= 1.0
+    for rates in (found["st"]["part_hit_rate"], found["st"]["initial_part_hit_rate"]):
+        assert sorted(rates) == ["stream_0", "stream_1"]
+        assert all(0.0 <= v <= 1.0 for stream in rates.values() for v in stream.values())
+    initial = found["st"]["initial_part_hit_rate"]["stream_0"]
+    assert set(initial) == set(found["st"]["part_hit_rate"]["stream_0"])
+    assert (out / "attention.png").stat().st_size > 0 and "attention.png" in report

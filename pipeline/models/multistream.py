@@ -30,7 +30,7 @@ class NxSTCNN(nn.Module):
                  transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
                  num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
-                 padding_mode: str = "zeros"):
+                 padding_mode: str = "zeros", loc_downscale: Optional[int] = None):
         super().__init__()
         if stream_mode not in ("loop", "vmap"):
             raise ValueError(f"stream_mode={stream_mode!r} is not one of loop, vmap")
@@ -48,7 +48,9 @@ class NxSTCNN(nn.Module):
         if bound == "auto":  # keep windows inside the image where the kind allows it
             bound = "tanh" if transform in ("translation", "attention") and transform_scale < 1 else None
         # A fixed downscale so the localisation trunk sees about crop_size pixels (paper: 448 -> 224).
-        downscale = max(1, round(input_size / crop_size))
+        downscale = max(1, round(input_size / crop_size)) if loc_downscale is None else int(loc_downscale)
+        if downscale < 1:
+            raise ValueError(f"loc_downscale={loc_downscale} must be >= 1")
         localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
                                          pretrained=loc_pretrained)
         self.transformer = SpatialTransformer(localisation, localisation.out_features, transform, crop_size,
@@ -156,7 +158,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
     localisation map fed to its fc layer), `stream_mode` ("loop": one stream after another;
     "vmap": all streams in one batched call, same results, for launch-bound GPU steps),
-    `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
+    `loc_downscale` (the localisation trunk's input is the input average-pooled by this factor;
+    default input_size / crop_size, the paper's 448 -> 224), `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
     input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
     """
     if num_streams == 0:
