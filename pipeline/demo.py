@@ -39,19 +39,21 @@ def _run(cmd: List[str]) -> None:
     subprocess.run(cmd, check=True, env=_child_env(), cwd=REPO)
 
 
-def make_dataset(out: Path, classes: int, images_per_class: int, size: int, seed: int) -> Path:
+def make_dataset(out: Path, classes: int, images_per_class: int, size: int, seed: int, bird_size: float) -> Path:
     from data_prep import cub, synthetic_cub
 
     raw = out / "raw"
     shards = out / "shards"
-    if not (shards / "manifest.json").exists():
-        _stage(f"generating the synthetic fine-grained dataset ({classes} classes x {images_per_class} images, {size}px)")
-        synthetic_cub.generate(raw, classes=classes, images_per_class=images_per_class, size=size, seed=seed,
-                               test_fraction=0.3)
+    _stage(f"generating the synthetic fine-grained dataset ({classes} classes x {images_per_class} images, {size}px)")
+    # demo_out/raw is the demo's own: a root drawn with other options is replaced; the same one is kept.
+    synthetic_cub.generate(raw, classes=classes, images_per_class=images_per_class, size=size, seed=seed,
+                           test_fraction=0.3, bird_size=bird_size, overwrite=True)
+    manifest = shards / "manifest.json"
+    if manifest.exists() and manifest.stat().st_mtime >= (raw / synthetic_cub.MANIFEST_NAME).stat().st_mtime:
+        _stage(f"dataset already sharded at {shards}")
+    else:
         _stage(f"sharding it with the real CUB data-prep path -> {shards}")
         cub.prepare(raw, shards, overwrite=True, shard_size=16)
-    else:
-        _stage(f"dataset already sharded at {shards}")
     return shards
 
 
@@ -145,8 +147,8 @@ def draw_attention(checkpoint: Path, path: Path, count: int = 6) -> Path:
 
     model, cfg = _load_model(checkpoint)
     manifest = read_manifest(cfg.data.root)
-    loader = build_eval_loader(cfg, manifest, "test", rank=0, world_size=1, batch_size=count, num_workers=0)
-    images, targets, _ = next(iter(loader))[:3]
+    loader = build_eval_loader(cfg, manifest, "test", rank=0, world_size=1, batch_size=64, num_workers=0)
+    images, targets = _one_per_class(loader, count)
     with torch.no_grad():
         x = normalize(images, cfg.data.mean, cfg.data.std)
         seen = model.attend(x)
@@ -157,6 +159,21 @@ def draw_attention(checkpoint: Path, path: Path, count: int = 6) -> Path:
     legend = [f"stream {i}" for i in range(seen["boxes"].shape[1])]
     return attention_picture(images, seen["boxes"], seen["crops"], cfg.data.mean, cfg.data.std, path,
                              captions=captions, legend=legend)
+
+
+def _one_per_class(loader, count: int):
+    """(images, targets): the first test image of each class in manifest order, up to `count`
+    (the split is stored class by class, so the first images alone would show one class)."""
+    import torch
+
+    chosen: Dict[int, torch.Tensor] = {}
+    for images, targets, *_ in loader:
+        for image, target in zip(images, targets.tolist()):
+            chosen.setdefault(target, image)
+        if len(chosen) >= count:
+            break
+    picked = sorted(chosen.items())[:count]
+    return torch.stack([image for _, image in picked]), torch.tensor([target for target, _ in picked])
 
 
 def _per_stream(rates: List[dict]) -> Dict[str, dict]:
@@ -203,9 +220,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "demo_out")
     parser.add_argument("--classes", type=int, default=9)
-    parser.add_argument("--images-per-class", type=int, default=120)
+    parser.add_argument("--images-per-class", type=int, default=240)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bird-size", type=float, default=1.45,
+                        help="bird scale of the generated data (1.45: bodies ~12-17%% of the image side)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the generated data and the training runs")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--baseline", action="store_true", help="also train configs/demo_baseline.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for the demo run, e.g. train.max_steps=50")
@@ -213,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    shards = make_dataset(args.out, args.classes, args.images_per_class, args.size, args.seed)
+    shards = make_dataset(args.out, args.classes, args.images_per_class, args.size, args.seed,
+                          args.bird_size)
     # --seed draws the data set and the training run's initialisation and order alike: a demo seed.
     overrides = [f"model.num_classes={args.classes}", f"train.seed={args.seed}", *args.overrides]
     run_dir = args.out / "run"

@@ -103,6 +103,18 @@ def test_nxst_localisation_sees_downscaled_input_and_gets_gradients():
     assert model.transformer.head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("loc_downscale, side", [(1, 64), (4, 16)])
+def test_nxst_loc_downscale_sets_what_the_localisation_net_sees(loc_downscale, side):
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=2,
+                         num_classes=5, loc_downscale=loc_downscale)
+    seen = {}
+    model.transformer.localisation.trunk.register_forward_pre_hook(lambda m, args: seen.update(shape=args[0].shape))
+    model(_input(SMALL["nxst_cnn"]))
+    assert tuple(seen["shape"][-2:]) == (side, side)
+    with pytest.raises(ValueError, match="loc_downscale=0"):
+        create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, loc_downscale=0)
+
+
 def test_nxst_zero_streams_is_the_resized_backbone():
     model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=0, num_classes=5)
     assert set(model.parameter_groups()) == {"backbone", "head"} and model.num_streams == 0

@@ -191,6 +191,7 @@ def test_class_counts_grow_as_squares():
     (["--size", "32"], "size=32"),
     (["--test-fraction", "1.0"], "test_fraction=1.0"),
     (["--images-per-class", "0"], "images_per_class=0"),
+    (["--bird-size", "3"], "bird_size=3.0"),
 ])
 def test_bad_options_fail_with_one_line(tmp_path: Path, capsys, argv, key):
     out = tmp_path / "root"
@@ -282,3 +283,15 @@ def test_progress_is_reported_per_image(tmp_path: Path):
     counted = []
     sc.generate(tmp_path / "root", classes=2, images_per_class=3, size=64, progress=counted.append)
     assert sum(counted) == 6 and len(counted) == 6
+
+
+def test_bird_size_scales_the_bird_and_its_parts():
+    """The same draw with --bird-size 1.5: a box 1.5x as large (up to pixel rounding), parts spread alike."""
+    cls = sc.bird_classes(1)[0]
+    small = sc.draw_bird_image(cls, 128, sc.image_rng(0, 7))
+    large = sc.draw_bird_image(cls, 128, sc.image_rng(0, 7), bird_size=1.5)
+    assert large.bbox[2] == pytest.approx(1.5 * small.bbox[2], abs=3)
+    assert large.bbox[3] == pytest.approx(1.5 * small.bbox[3], abs=3)
+    crown, wing = 4, 8 if small.parts[8][2] else 12  # CUB part order: crown, then the visible wing
+    span = [abs(s.parts[crown][0] - s.parts[wing][0]) for s in (small, large)]
+    assert span[1] == pytest.approx(1.5 * span[0], rel=0.05)
