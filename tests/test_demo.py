@@ -11,7 +11,7 @@ from pipeline import demo
 def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
     rc = demo.main(["--out", str(out), "--classes", "3", "--images-per-class", "6", "--size", "96",
-                    "model.input_size=96", "model.crop_size=48", "train.max_steps=4", "train.eval_every=2",
+                    "model.input_size=96", "data.resize=96", "model.crop_size=48", "train.max_steps=4", "train.eval_every=2",
                     "train.checkpoint_every=2", "train.global_batch_size=8", "train.num_workers=0", "train.num_viz=2"])
     assert rc == 0
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
@@ -35,3 +35,20 @@ def test_demo_end_to_end_tiny(tmp_path):
     initial = found["st"]["initial_part_hit_rate"]["stream_0"]
     assert set(initial) == set(found["st"]["part_hit_rate"]["stream_0"])
     assert (out / "attention.png").stat().st_size > 0 and "attention.png" in report
+
+    # the window-gradient probe runs on the demo's checkpoint and scores every stream
+    from pipeline.experiments import window_gradient
+    probed = window_gradient.probe(run / "checkpoints" / "best.pt", limit=8)
+    assert probed["images"] == test_images  # every tiny test image has visible parts
+    assert len(probed["gradient_cosine"]) == 2 and all(-1 <= c <= 1 for c in probed["gradient_cosine"])
+    assert {(c["stream"], c["step"]) for c in probed["loss_change_towards_bird"]} == {
+        (s, step) for s in (0, 1) for step in window_gradient.STEPS}
+    assert 0 <= probed["top1"]["windows_on_bird"] <= 1
+
+
+def test_window_gradient_probe_names_a_missing_checkpoint(tmp_path, capsys):
+    from pipeline.experiments.__main__ import main as experiments
+
+    assert experiments(["window-gradient", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.pt" in err

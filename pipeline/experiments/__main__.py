@@ -1,4 +1,5 @@
 """python -m pipeline.experiments distorted --idx-root DIR [--quick] [--out DIR] [--seeds N] ...
+   python -m pipeline.experiments window-gradient --checkpoint RUN/checkpoints/best.pt
 
 Thin launcher: the experiments live in the importable modules of this package.
 """
@@ -10,7 +11,7 @@ from typing import List, Optional
 
 from data_prep import DataPrepError
 
-EXPERIMENTS = ("distorted",)
+EXPERIMENTS = ("distorted", "window-gradient")
 
 
 def parse_distorted(argv: List[str]) -> argparse.Namespace:
@@ -47,6 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         print(f"usage: python -m pipeline.experiments {{{','.join(EXPERIMENTS)}}} ...", file=sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "window-gradient":
+        from .window_gradient import main as window_gradient
+
+        return window_gradient(argv[1:])
     from dataclasses import replace
 
     from .distorted import ExperimentError, profile_from_args, run
