@@ -35,6 +35,12 @@ def test_demo_end_to_end_tiny(tmp_path):
     initial = found["st"]["initial_part_hit_rate"]["stream_0"]
     assert set(initial) == set(found["st"]["part_hit_rate"]["stream_0"])
     assert (out / "attention.png").stat().st_size > 0 and "attention.png" in report
+    # the localisation net trains: its head starts at zero weights (one window for every image) and
+    # after a few steps predicts windows that differ between images; a frozen one fails here
+    import torch
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["model"]["transformer.head.weight"].abs().sum() > 0
+    assert all(w["spread_x"] > 0 and w["spread_y"] > 0 for w in found["st"]["windows"])
 
     # the window-gradient probe runs on the demo's checkpoint and scores every stream
     from pipeline.experiments import window_gradient
