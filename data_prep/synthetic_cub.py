@@ -654,7 +654,8 @@ def is_generated(out: str | Path, options: SyntheticCubOptions) -> bool:
 # ---------------------------------------------------------------- contact sheet
 
 def contact_sheet(path: str | Path, classes: int = 9, size: int = 128, seed: int = 0,
-                  crop: Optional[int] = None, pattern_period: float = PATTERN_PERIOD_PX) -> Path:
+                  crop: Optional[int] = None, pattern_period: float = PATTERN_PERIOD_PX,
+                  bird_size: float = 1.0) -> Path:
     """PNG, one image per class: the image with its bird box | the whole image downscaled to the
     crop size (what a baseline at that size sees; shown enlarged) | the full-resolution crop
     around the bird (what attention can get; shown enlarged). 256 colours keep the file small."""
@@ -670,7 +671,7 @@ def contact_sheet(path: str | Path, classes: int = 9, size: int = 128, seed: int
     draw.text((0, 0), f"per class: {size}px image + bird box | downscaled to {crop}px | {crop}px full-res crop",
               fill=(0, 0, 0))
     for i, cls in enumerate(bird_list):
-        sample = draw_bird_image(cls, size, image_rng(seed, 10_000 + i), pattern_period)
+        sample = draw_bird_image(cls, size, image_rng(seed, 10_000 + i), pattern_period, bird_size)
         full = Image.open(io.BytesIO(_jpeg_bytes(sample.image, 90))).convert("RGB")
         x, y, w, h = sample.bbox
         boxed = full.copy()
@@ -732,6 +733,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"synthetic-cub: {state} {root} ({total} images, {args.classes} classes, "
           f"{total - n_test} train / {n_test} test, {args.size}px) in {time.perf_counter() - start:.1f}s")
     if args.sheet:
-        sheet = contact_sheet(args.sheet, args.classes, args.size, args.seed, pattern_period=args.pattern_period)
+        sheet = contact_sheet(args.sheet, args.classes, args.size, args.seed, pattern_period=args.pattern_period,
+                              bird_size=args.bird_size)
         print(f"synthetic-cub: contact sheet {sheet}")
     return 0
