@@ -11,9 +11,9 @@ shards, no DDP: minutes per trial, so that recipes can be compared before one go
 configs/demo.yaml). Every `--steps / 4` steps it prints test top-1, the crown and wing hit-rates per
 stream and the spread of the window centres over test images. Parts score the windows only.
 
-`--fd-step D` replaces the gradient the sampler passes to the window centres by a finite-difference
-estimate of the same loss's slope: per image and stream, the loss at t + D*e and t - D*e along a
-random unit direction e (two extra forward passes of the streams, no backward). The sampler's own
+`--fd-step D` trains the window centres on a finite-difference estimate of the same loss's slope
+(`model.extra.window_gradient=finite_difference`, `fd_step=D`): per image and stream, the loss at
+t + D*e and t - D*e along a random unit direction e (two extra forward passes, no backward). The sampler's own
 gradient is dominated by the fine class texture (`python -m pipeline.experiments window-gradient`
 measures it); the loss itself is smooth at the scale of a few pixels.
 """
@@ -33,7 +33,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep import synthetic_cub  # noqa: E402
 from pipeline.models import create_model  # noqa: E402
-from pipeline.models.spatial_transformer import warp_many  # noqa: E402
 
 CROWN, WINGS = 4, (8, 12)  # CUB part indices (0-based)
 
@@ -86,34 +85,6 @@ def score(model, data, index, args) -> dict:
     return out
 
 
-def finite_difference_theta(model, x, y, step: float, generator) -> torch.Tensor:
-    """Window centres whose backward pass carries the loss's finite-difference slope instead of the sampler's."""
-    st = model.transformer
-    theta = st.predict(x)
-    with torch.no_grad():
-        direction = torch.randn(theta.shape, generator=generator)
-        direction = direction / direction.norm(dim=-1, keepdim=True)
-        room = 1.0 - st.scale
-
-        def losses(t):
-            crops = warp_many(x, t.clamp(-room, room), st.kind, st.out_size, scale=st.scale)
-            return F.cross_entropy(model.classify(crops), y, reduction="none")
-
-        slope = (losses(theta + step * direction) - losses(theta - step * direction)) / (2 * step)
-        estimate = slope[:, None, None] * direction / len(y)  # the batch loss is a mean
-
-    class Slope(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, t):
-            return t.view_as(t)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return estimate
-
-    return Slope.apply(theta)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, default=9)
@@ -141,6 +112,8 @@ def main(argv=None) -> int:
         model = create_model("nxst_cnn", num_streams=0, **kw)
     else:
         extra = {} if args.loc_downscale is None else {"loc_downscale": args.loc_downscale}
+        if args.fd_step:
+            extra.update(window_gradient="finite_difference", fd_step=args.fd_step)
         model = create_model("nxst_cnn", num_streams=2, **kw, **extra)
     groups = [{"params": ps, "role": role, "base": args.lr * (args.loc_scale if role == "localisation" else 1.0)}
               for role, ps in model.parameter_groups().items()]
@@ -156,12 +129,7 @@ def main(argv=None) -> int:
         x, y = data["x"][batch], data["y"][batch]
         flip = torch.rand(args.batch, generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if args.fd_step and not args.baseline:
-            theta = finite_difference_theta(model, x, y, args.fd_step, generator)
-            st = model.transformer
-            logits = model.classify(warp_many(x, theta, st.kind, st.out_size, scale=st.scale))
-        else:
-            logits = model(x)
+        logits = model(x, targets=y) if args.fd_step and not args.baseline else model(x)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()

@@ -60,6 +60,7 @@ class OptimConfig:
     weight_decay: float = 1e-5
     decay_norm_and_bias: bool = False      # weight decay on norm weights and biases too
     lr_scale: Dict[str, float] = field(default_factory=dict)  # role -> multiplier of lr
+    lr_start: Dict[str, int] = field(default_factory=dict)    # role -> first step it trains (lr 0 before)
     grad_clip: Optional[float] = None
     fused: bool = True                     # foreach/fused optimiser kernels where available
 
@@ -115,7 +116,7 @@ class Config:
 
 
 # Sections whose values are free-form mappings: their keys are not checked against a schema.
-_FREE_FORM = {("model", "extra"), ("optim", "lr_scale")}
+_FREE_FORM = {("model", "extra"), ("optim", "lr_scale"), ("optim", "lr_start")}
 
 
 def _check_keys(values: Any, schema: type, where: str, source: str) -> None:
@@ -239,6 +240,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     for role, scale in cfg.optim.lr_scale.items():
         if not isinstance(scale, (int, float)) or scale < 0:
             raise ConfigError(f"optim.lr_scale.{role}={scale!r} must be a non-negative number")
+    for role, start in cfg.optim.lr_start.items():
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ConfigError(f"optim.lr_start.{role}={start!r} must be a step number >= 0")
     if any(b <= a for a, b in zip(cfg.schedule.milestones, cfg.schedule.milestones[1:])):
         raise ConfigError(f"schedule.milestones={cfg.schedule.milestones} must be increasing")
     if len(cfg.data.mean) != len(cfg.data.std):

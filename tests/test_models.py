@@ -115,6 +115,40 @@ def test_nxst_loc_downscale_sets_what_the_localisation_net_sees(loc_downscale, s
         create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, loc_downscale=0)
 
 
+def test_finite_difference_theta_estimates_the_gradient_of_a_smooth_loss():
+    """Averaged over many samples the estimate is the loss's gradient / n (E[e e^T] = I/n), and the
+    backward pass hands it to whatever produced theta."""
+    from pipeline.models.spatial_transformer import finite_difference_theta
+
+    torch.manual_seed(0)
+    target = torch.tensor([0.3, -0.2])
+    source = torch.zeros(4096, 1, 2, requires_grad=True)
+
+    def losses(theta):  # smooth: 0.5 |theta - target|^2 per sample
+        return 0.5 * ((theta[:, 0] - target) ** 2).sum(-1)
+
+    theta = finite_difference_theta(source * 1.0, losses, step=0.05)
+    assert torch.equal(theta, source)  # the forward value is theta itself
+    theta.sum().backward()
+    mean = source.grad.mean(0)[0] * len(source)  # undo the 1/B of a mean loss
+    assert torch.allclose(mean, (0 - target) / 2, atol=0.03)
+
+
+def test_nxst_finite_difference_windows_train_from_the_loss():
+    torch.manual_seed(0)
+    model = create_model("nxst_cnn", **SMALL["nxst_cnn"], window_gradient="finite_difference", fd_step=0.1)
+    assert model.wants_targets and not create_model("nxst_cnn", **SMALL["nxst_cnn"]).wants_targets
+    x, y = _input(SMALL["nxst_cnn"], batch=4), torch.tensor([0, 1, 2, 3])
+    model.train()
+    torch.nn.functional.cross_entropy(model(x, targets=y), y).backward()
+    assert model.transformer.head.weight.grad.abs().sum() > 0  # the localisation net gets the estimate
+    assert all(p.grad is not None for p in model.streams.parameters())  # the streams learn as usual
+    model.eval()
+    assert torch.equal(model(x, targets=y), model(x))  # evaluation ignores targets
+    with pytest.raises(ValueError, match="window_gradient='slope'"):
+        create_model("nxst_cnn", **SMALL["nxst_cnn"], window_gradient="slope")
+
+
 def test_nxst_zero_streams_is_the_resized_backbone():
     model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=0, num_classes=5)
     assert set(model.parameter_groups()) == {"backbone", "head"} and model.num_streams == 0

@@ -80,6 +80,28 @@ def test_lr_scale_naming_a_missing_role_is_an_error(model):
         param_groups(model, cfg)
 
 
+def test_lr_start_holds_a_role_at_zero_until_its_step_then_joins_the_schedule(model):
+    cfg = tiny_cfg("optim.name=adamw", "optim.lr=0.01", "optim.lr_start.localisation=3", "schedule.name=constant")
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    schedule = build_schedule(optimizer, cfg.schedule, 10, cfg.optim.lr_start)
+    seen = []
+    for _ in range(5):
+        seen.append(lrs_by_role(optimizer))
+        optimizer.step()
+        schedule.step()
+    assert [s["localisation"] for s in seen] == [0.0, 0.0, 0.0, 0.01, 0.01]
+    assert all(s["head"] == 0.01 for s in seen)
+
+
+@pytest.mark.parametrize("value, message", [("optim.lr_start.localisation=-1", "lr_start.localisation=-1"),
+                                            ("optim.lr_start.locallisation=5", "locallisation")])
+def test_lr_start_bad_step_or_role_is_named(model, value, message):
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises((ValueError, ConfigError), match=message):
+        param_groups(model, validate(tiny_cfg(value)).optim)
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_optimiser_kinds_take_the_groups(model, name):
     cfg = tiny_cfg(f"optim.name={name}", "optim.lr_scale.localisation=0.1").optim

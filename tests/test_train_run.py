@@ -205,3 +205,26 @@ def test_two_rank_checkpoint_resumes_on_one_rank_reproducibly(ddp_run, tmp_path)
     before = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert any(not torch.equal(weights[0][k], before[k]) for k in before)  # it trained on
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # the same way twice
+
+
+def test_finite_difference_windows_train_through_the_trainer(shards, tmp_path):
+    """The trainer hands the targets to a model that estimates its window gradient from the loss,
+    and holds the localisation net back until optim.lr_start: its head is still at zero init at
+    step 2 and has moved by step 4."""
+    common = ["model.extra.window_gradient=finite_difference", "optim.lr_start.localisation=2",
+              "train.eval_every=2", "train.checkpoint_every=2", "train.num_viz=0"]
+    assert main(tiny_run(shards, tmp_path / "run", "train.max_steps=4", *common)) == 0
+    heads = [torch.load(tmp_path / "run" / "checkpoints" / f"step_{s:07d}.pt", map_location="cpu",
+                        weights_only=True)["model"]["transformer.head.weight"] for s in (2, 4)]
+    assert heads[0].abs().sum() == 0 and heads[1].abs().sum() > 0
+
+
+def test_finite_difference_windows_refuse_fp16(shards, tmp_path, capsys, monkeypatch):
+    # fp16 (with its loss scaler) exists on CUDA only; stand it in on CPU where the precision is resolved
+    import pipeline.train.trainer as trainer
+    monkeypatch.setattr(trainer, "resolve_precision", lambda *args: "fp16")
+    assert main(tiny_run(shards, tmp_path / "run", "train.max_steps=1", "train.precision=fp16",
+                         "model.extra.window_gradient=finite_difference")) == 2
+    line = _error_line(capsys)
+    assert "window_gradient=finite_difference" in line and "fp16" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()

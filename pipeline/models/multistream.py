@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import register_model
 from .localisation import TrunkLocalisation, create_timm
-from .spatial_transformer import SpatialTransformer
+from .spatial_transformer import SpatialTransformer, finite_difference_theta, warp_many
 
 
 class NxSTCNN(nn.Module):
@@ -30,8 +30,14 @@ class NxSTCNN(nn.Module):
                  transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
                  num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
-                 padding_mode: str = "zeros", loc_downscale: Optional[int] = None):
+                 padding_mode: str = "zeros", loc_downscale: Optional[int] = None,
+                 window_gradient: str = "sampler", fd_step: float = 0.125):
         super().__init__()
+        if window_gradient not in ("sampler", "finite_difference"):
+            raise ValueError(f"window_gradient={window_gradient!r} is not one of sampler, finite_difference")
+        if not fd_step > 0:
+            raise ValueError(f"fd_step={fd_step} must be > 0")
+        self.window_gradient, self.fd_step = window_gradient, float(fd_step)
         if stream_mode not in ("loop", "vmap"):
             raise ValueError(f"stream_mode={stream_mode!r} is not one of loop, vmap")
         if num_streams < 1:
@@ -60,8 +66,29 @@ class NxSTCNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(sum(s.num_features for s in self.streams), num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        crops, _ = self.transformer(check_input(x, self.input_size))
+    @property
+    def wants_targets(self) -> bool:
+        """Training passes `targets` to forward: the finite-difference window gradient needs the loss."""
+        return self.window_gradient == "finite_difference"
+
+    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_input(x, self.input_size)
+        if targets is None or not self.training or not self.wants_targets:
+            crops, _ = self.transformer(x)
+            return self.classify(crops)
+        st = self.transformer
+        room = 1.0 - st.scale if st.bound == "tanh" and st.kind == "translation" else None
+
+        def losses_at(theta: torch.Tensor) -> torch.Tensor:
+            if room is not None:  # the perturbed windows stay inside the image, as the bound keeps them
+                theta = theta.clamp(-room, room)
+            crops = warp_many(x, theta, st.kind, st.out_size, scale=st.scale, align_corners=st.align_corners,
+                              padding_mode=st.padding_mode, tps_basis=st.tps_basis)
+            return F.cross_entropy(self.classify(crops).float(), targets, reduction="none")
+
+        theta = finite_difference_theta(st.predict(x), losses_at, self.fd_step)
+        crops = warp_many(x, theta, st.kind, st.out_size, scale=st.scale, align_corners=st.align_corners,
+                          padding_mode=st.padding_mode, tps_basis=st.tps_basis)
         return self.classify(crops)
 
     def classify(self, crops: torch.Tensor) -> torch.Tensor:
@@ -158,7 +185,10 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
     localisation map fed to its fc layer), `stream_mode` ("loop": one stream after another;
     "vmap": all streams in one batched call, same results, for launch-bound GPU steps),
-    `loc_downscale` (the localisation trunk's input is the input average-pooled by this factor;
+    `window_gradient` ("sampler": backpropagation through the sampler, the paper's; "finite_difference":
+    the window parameters learn from a finite-difference slope of the training loss over `fd_step`
+    (default 0.125, 8 px of a 128 px input; see `finite_difference_theta`), for class details too
+    fine for the sampler's gradient), `loc_downscale` (the localisation trunk's input is the input average-pooled by this factor;
     default input_size / crop_size, the paper's 448 -> 224), `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
     input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
     """

@@ -238,6 +238,46 @@ def _square_border(per_side: int, dtype, device) -> torch.Tensor:
                       torch.stack([-one, t], 1), torch.stack([one, t], 1)])
 
 
+# ----------------------------------------------------------------------------- gradient estimate
+
+class _GradientFrom(torch.autograd.Function):
+    """Identity forward; backward hands back a fixed gradient instead of the incoming one."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gradient)
+        return theta.view_as(theta)
+
+    @staticmethod
+    def backward(ctx, _incoming: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return gradient, None
+
+
+def finite_difference_theta(theta: torch.Tensor, losses_at, step: float) -> torch.Tensor:
+    """`theta` whose backward pass carries a finite-difference slope of the loss, not the sampler's gradient.
+
+    `losses_at(theta)` returns per-sample losses (B,) for transform parameters (B, N, ...). Per
+    sample and transform, one random unit direction e over its parameters: slope =
+    (L(theta + step e) - L(theta - step e)) / (2 step), gradient = slope * e / B (the batch loss is
+    a mean; E[e e^T] = I / n, so the estimate is the loss's gradient over n, smoothed over `step`).
+    Two extra forward passes, no backward. Why: where the class detail is a fine texture, the
+    sampler's pointwise gradient is dominated by the texture's phase and carries little sign of
+    where the detail is, while the loss over a few pixels of window movement is smooth
+    (`python -m pipeline.experiments window-gradient` measures both).
+    """
+    with torch.no_grad():
+        flat = theta.detach().flatten(2)
+        direction = torch.randn_like(flat)
+        direction = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        shape = theta.shape
+        up = losses_at((flat + step * direction).reshape(shape))
+        down = losses_at((flat - step * direction).reshape(shape))
+        slope = (up - down).float() / (2.0 * step)
+        gradient = (slope[:, None, None] * direction / len(slope)).reshape(shape).to(theta.dtype)
+    return _GradientFrom.apply(theta, gradient)
+
+
 # ----------------------------------------------------------------------------- module
 
 def tiling_windows(num: int, scale: float) -> torch.Tensor:

@@ -3,12 +3,14 @@
 The model declares its parameter roles (`model.parameter_groups() -> {role: [params]}`); each
 role becomes up to two optimiser groups (with and without weight decay) whose lr is
 `optim.lr * optim.lr_scale.get(role, 1.0)`. The schedule is one multiplier applied to every
-group, so the ratios between roles (paper: localisation x1e-4 on CUB, x0.1 on SVHN) stay fixed.
+group, so the ratios between roles (paper: localisation x1e-4 on CUB, x0.1 on SVHN) stay fixed;
+`optim.lr_start.<role>` holds a role at lr 0 until that step (e.g. the streams learn to read
+before the localisation net moves the windows).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -19,10 +21,11 @@ from pipeline.config import OptimConfig, ScheduleConfig
 def param_groups(model: nn.Module, cfg: OptimConfig) -> List[dict]:
     """Optimiser groups from the model's roles; each group carries its `role` for logging."""
     roles: Dict[str, List[nn.Parameter]] = model.parameter_groups()
-    unknown = sorted(set(cfg.lr_scale) - set(roles))
-    if unknown:
-        raise ValueError(f"optim.lr_scale names role(s) {', '.join(unknown)} that model "
-                         f"'{type(model).__name__}' does not have; its roles: {', '.join(sorted(roles))}")
+    for key, named in (("lr_scale", cfg.lr_scale), ("lr_start", cfg.lr_start)):
+        unknown = sorted(set(named) - set(roles))
+        if unknown:
+            raise ValueError(f"optim.{key} names role(s) {', '.join(unknown)} that model "
+                             f"'{type(model).__name__}' does not have; its roles: {', '.join(sorted(roles))}")
     seen: set[int] = set()
     groups = []
     for role, params in roles.items():
@@ -78,10 +81,19 @@ def lr_multiplier(cfg: ScheduleConfig, max_steps: int) -> Callable[[int], float]
     raise ValueError(f"schedule.name={cfg.name!r} is not one of step, cosine, constant")
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
-                   max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    # One function for every group: ratios between roles are fixed by construction.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, max_steps))
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int,
+                   lr_start: Optional[Dict[str, int]] = None) -> torch.optim.lr_scheduler.LambdaLR:
+    # One function for every group: ratios between roles are fixed by construction (a role held
+    # back by `lr_start` is 0 until its step, then on the common schedule).
+    common = lr_multiplier(cfg, max_steps)
+    lr_start = lr_start or {}
+
+    def held_back(start: int) -> Callable[[int], float]:
+        return lambda step: common(step) if step >= start else 0.0
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [held_back(lr_start[g["role"]]) if g.get("role") in lr_start else common
+                    for g in optimizer.param_groups])
 
 
 def lrs_by_role(optimizer: torch.optim.Optimizer) -> Dict[str, float]:

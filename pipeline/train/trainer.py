@@ -151,9 +151,14 @@ class Trainer:
         # On the device before the optimiser is built: fused kernels check where the parameters live.
         self.model = model.to(env.device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
-        self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.train.max_steps)
+        self.schedule = build_schedule(self.optimizer, cfg.schedule, cfg.train.max_steps, cfg.optim.lr_start)
         self.precision = resolve_precision(cfg.train.precision, env.device, cfg.train.cpu_autocast)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
+        self.wants_targets = bool(getattr(model, "wants_targets", False))
+        if self.wants_targets and self.scaler.is_enabled():
+            raise ValueError("a model whose window gradient is estimated from the loss (model.extra.window_gradient="
+                             "finite_difference) cannot train with train.precision=fp16: the estimate bypasses the "
+                             "loss scaler; use bf16 or fp32")
         self.train_model = self.wrap_model(self.model)
         self.seed_rngs(cfg.train.seed)
 
@@ -260,7 +265,9 @@ class Trainer:
         skip_sync = contextlib.nullcontext() if sync or no_sync is None else no_sync()
         with skip_sync:
             with self.autocast():
-                loss = task_loss(self.train_model(images), targets) / self.accum_steps
+                # Models that estimate a gradient from the loss itself (finite-difference windows) get the targets.
+                extra = {"targets": targets} if self.wants_targets else {}
+                loss = task_loss(self.train_model(images, **extra), targets) / self.accum_steps
             self.scaler.scale(loss).backward()
         return loss.detach()
 
