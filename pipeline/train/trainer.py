@@ -298,7 +298,8 @@ class Trainer:
         return stopping
 
     def log_train(self, window: Window) -> None:
-        base_lr = self.cfg.optim.lr * self.schedule.lr_lambdas[0](self.schedule.last_epoch)  # roles scale this
+        # roles scale this; the largest multiplier is the common schedule's (optim.lr_start holds some at 0)
+        base_lr = self.cfg.optim.lr * max(f(self.schedule.last_epoch) for f in self.schedule.lr_lambdas)
         values = {**window.values(self.cfg.train.max_steps - self.step), "lr": base_lr}
         values.update({f"lr/{role}": lr for role, lr in lrs_by_role(self.optimizer).items()})
         self.monitor.record(self.step, "train", values)
