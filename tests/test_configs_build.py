@@ -53,7 +53,8 @@ def test_config_loads_and_builds(path):
         assert 0 < cfg.optim.lr_scale.get("localisation", 1.0) < 1, f"{relative}: set optim.lr_scale.localisation"
     if cfg.model.name == "nxst_cnn" and cfg.model.num_streams:
         assert len(model.streams) == cfg.model.num_streams
-        assert model.transformer.localisation.downscale == round(cfg.model.input_size / cfg.model.crop_size)
+        downscale = cfg.model.extra.get("loc_downscale") or round(cfg.model.input_size / cfg.model.crop_size)
+        assert model.transformer.localisation.downscale == downscale
     size = small.model.input_size
     channels = 1 if small.data.augment == "digits" else 3
     with torch.no_grad():

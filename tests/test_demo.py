@@ -12,7 +12,8 @@ def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
     rc = demo.main(["--out", str(out), "--classes", "3", "--images-per-class", "6", "--size", "96",
                     "model.input_size=96", "data.resize=96", "model.crop_size=48", "train.max_steps=4", "train.eval_every=2",
-                    "train.checkpoint_every=2", "train.global_batch_size=8", "train.num_workers=0", "train.num_viz=2"])
+                    "train.checkpoint_every=2", "train.global_batch_size=8", "train.num_workers=0", "train.num_viz=2",
+                    "optim.lr_start.localisation=1"])  # the demo's localisation starts after 4 steps
     assert rc == 0
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert manifest["dataset"] == "cub" and len(manifest["classes"]) == 3
