@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_data_prep.py --images 11788 --workers 1 2 --cache warm cold \
         --json runs/bench_data_prep.json
 
-Builds a CUB-like root of N images (11,788 = all of CUB; the real CUB JPEGs of ../shared/data, or
+Builds a CUB-like root of N images (11,788 = all of CUB; the real CUB JPEGs of tests/data, or
 of --jpeg-dir, repeated under new ids, else synthetic JPEGs of CUB's size), then times, in
 turn and `--repeats` times each (median reported):
   read bound   `tar cf - images | cat > /dev/null`  (GNU tar skips reading when -f is /dev/null)
@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Tuple
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CUB = REPO.parent / "shared" / "data" / "cub" / "CUB_200_2011"
+SAMPLE_CUB = REPO / "tests" / "data" / "cub" / "CUB_200_2011"
 
 
-def build_root(dest: Path, num_images: int, jpeg_dir: Path = SHARED_CUB / "images") -> Path:
+def build_root(dest: Path, num_images: int, jpeg_dir: Path = SAMPLE_CUB / "images") -> Path:
     """A CUB_200_2011 layout with `num_images` images in 200 classes, half train, 15 parts."""
     root = dest / "CUB_200_2011"
     shutil.rmtree(root, ignore_errors=True)
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm"],
                         help="page cache state for every timed variant (see the top of this file)")
-    parser.add_argument("--jpeg-dir", default=str(SHARED_CUB / "images"),
-                        help="real JPEGs to repeat (default: the CUB samples of ../shared/data; synthetic if absent)")
+    parser.add_argument("--jpeg-dir", default=str(SAMPLE_CUB / "images"),
+                        help="real JPEGs to repeat (default: the CUB samples of tests/data; synthetic if absent)")
     parser.add_argument("--skip-full", action="store_true", help="leave out the --check full variant")
     parser.add_argument("--json", default="runs/bench_data_prep.json")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")

@@ -6,8 +6,8 @@
 
 For each N in --num-streams, forward + backward (median of --repeats after --warmup):
   crops    `warp_many` (N grids stacked in one grid_sample, the input read in place) against the plain
-           reference (the input expanded to N copies + affine_grid + grid_sample, as ../shared/bench/
-           plain_nxst.py does); gradients flow to theta, as in training. Also peak memory on CUDA.
+           reference (the input expanded to N copies + affine_grid + grid_sample, as a plain
+           N x ST-CNN does); gradients flow to theta, as in training. Also peak memory on CUDA.
   streams  the N x ST-CNN train step with its streams in a loop against `stream_mode="vmap"`, and
            both against N + 1 passes of the bare backbone (the ratio the issue asks to bring to 1.0).
 Prints one JSON line per figure and writes them all to --json with the machine, versions and date.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/benchmarks.md in one call, under 7 minutes on one H100/H200 with 16 cores:
-#   mkdir -p ext && cp ../shared/bench/plain_nxst.py ext/     # the plain reference (ext/ is git-ignored)
+#   mkdir -p ext && cp PATH/TO/plain_nxst.py ext/   # an outside plain reference, if you have one (ext/ is git-ignored)
 #   OUT=$OUT bash benchmarks/gpu_all.sh                       # on the GPU machine; carry .whl and ext
 #   DRY=1 PY=.venv/bin/python OUT=/tmp/gpu_dry bash benchmarks/gpu_all.sh   # the whole flow on CPU, tiny sizes
 # .whl/ (git-ignored) holds the py3.12 manylinux wheels that the GPU machine lacks (omegaconf, webdataset,
@@ -126,7 +126,7 @@ if [[ -f ext/plain_nxst.py ]]; then
     step "1. plain reference ext/plain_nxst.py (${PLAIN_ENV[*]})" "$(cap 90 240)" \
         env "${PLAIN_ENV[@]}" OUT="$OUT" "$PY" ext/plain_nxst.py
 else
-    echo "== 1. ext/plain_nxst.py missing: copy ../shared/bench/plain_nxst.py there (and carry ext)"
+    echo "== 1. ext/plain_nxst.py missing: step 1 (the outside plain reference) skipped"
 fi
 
 # ---- 2. the trainer's step, eager

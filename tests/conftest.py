@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHARED_DATA = SHARED / "data"
+SAMPLE_DATA = REPO / "tests" / "data"  # real CUB and SVHN samples in their original layouts (README there)
 PYTHON = sys.executable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -48,9 +47,8 @@ def need_program(name: str) -> str:
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    need(SHARED_DATA.is_dir(), f"the shared dataset samples at {SHARED_DATA}")
-    return SHARED_DATA
+def sample_data() -> Path:
+    return SAMPLE_DATA
 
 
 def stop_process(proc, timeout: float) -> None:

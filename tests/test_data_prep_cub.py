@@ -1,4 +1,4 @@
-"""data_prep cub on the real CUB-200-2011 samples in ../shared/data: round trip, counts, manifest, CLI."""
+"""data_prep cub on the real CUB-200-2011 samples in tests/data: round trip, counts, manifest, CLI."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, need, need_program
+from conftest import SAMPLE_DATA, need_program
 from data_prep import DataPrepError, cub
 from data_prep.__main__ import main as data_prep_main
 
@@ -19,9 +19,9 @@ METADATA = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bou
             "parts/part_locs.txt")
 
 
-def make_cub_root(shared: Path, dest: Path) -> Path:
-    """A complete CUB root: the shared images, metadata filtered to the ids whose image is present."""
-    src = shared / "cub" / "CUB_200_2011"
+def make_cub_root(samples: Path, dest: Path) -> Path:
+    """A complete CUB root: the sample images, metadata filtered to the ids whose image is present."""
+    src = samples / "cub" / "CUB_200_2011"
     root = dest / "CUB_200_2011"
     shutil.copytree(src / "images", root / "images")
     (root / "parts").mkdir()
@@ -54,8 +54,7 @@ def raw_records(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cub_root(tmp_path_factory) -> Path:
-    need(SHARED_DATA.is_dir(), f"the shared dataset samples at {SHARED_DATA}")
-    return make_cub_root(SHARED_DATA, tmp_path_factory.mktemp("cub_raw"))
+    return make_cub_root(SAMPLE_DATA, tmp_path_factory.mktemp("cub_raw"))
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +156,9 @@ def test_class_subset_relabels_from_zero_and_limit(cub_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_shard_size_gives_64_train_shards_on_full_cub(shared_data, tmp_path):
+def test_default_shard_size_gives_64_train_shards_on_full_cub(sample_data, tmp_path):
     """The full official metadata (11,788 ids), with empty stand-in image files: plan only."""
-    src = shared_data / "cub" / "CUB_200_2011"
+    src = sample_data / "cub" / "CUB_200_2011"
     root = tmp_path / "CUB_200_2011"
     (root / "parts").mkdir(parents=True)
     for name in METADATA + ("classes.txt", "parts/parts.txt"):

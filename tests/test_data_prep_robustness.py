@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import PYTHON, SHARED_DATA, subprocess_env
+from conftest import PYTHON, SAMPLE_DATA, subprocess_env
 from data_prep import DataPrepError, cub
 from data_prep.__main__ import main as data_prep_main
 from data_prep.jobs import job_options_from_env
@@ -137,7 +137,7 @@ def test_output_holding_other_data_refused_unless_overwrite(cub_root, tmp_path, 
         cub.prepare(cub_root, out, shard_size=7)
     with pytest.raises(DataPrepError, match=r"different data-prep output \(options.classes: null there, \[1, 2\] now\)"):
         cub.prepare(cub_root, out, classes="1-2", shard_size=5)
-    assert data_prep_main(["svhn", "--root", str(SHARED_DATA / "svhn"), "--split", "test", "--skip-missing",
+    assert data_prep_main(["svhn", "--root", str(SAMPLE_DATA / "svhn"), "--split", "test", "--skip-missing",
                            "--out", str(out)]) == 2
     assert "dataset: \"cub\" there, \"svhn\" now" in capsys.readouterr().err
     manifest = cub.prepare(cub_root, out, shard_size=7, overwrite=True)

@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from conftest import SHARED_DATA, need
+from conftest import SAMPLE_DATA
 from data_prep import DataPrepError, svhn
 from data_prep.__main__ import main as data_prep_main
 from data_prep.verify import verify
@@ -78,9 +78,8 @@ def samples_by_key(out: Path, manifest: dict) -> dict:
 
 
 def test_real_test_samples_digits_boxes_and_crop(tmp_path):
-    need(SHARED_DATA.is_dir(), f"the shared dataset samples at {SHARED_DATA}")
     root = tmp_path / "svhn"
-    shutil.copytree(SHARED_DATA / "svhn" / "test", root / "test")
+    shutil.copytree(SAMPLE_DATA / "svhn" / "test", root / "test")
     out = tmp_path / "out"
     manifest = svhn.prepare(root, out, split="test", skip_missing=True, shard_size=2)
     assert manifest["dataset"] == "svhn" and manifest["task"] == "sequence"

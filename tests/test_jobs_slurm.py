@@ -49,8 +49,8 @@ def test_trivial_job_completes(cluster):
     assert "alive on" in (cluster.root / f"trivial-{job}.out").read_text()
 
 
-def test_prep_array_and_finalising_job_match_single_process_run(cluster, shared_data, tmp_path):
-    raw = shared_data / CUB_SAMPLE  # class 1's 60 images are all present in the sample
+def test_prep_array_and_finalising_job_match_single_process_run(cluster, sample_data, tmp_path):
+    raw = sample_data / CUB_SAMPLE  # class 1's 60 images are all present in the sample
     options = ["--classes", "1", "--shard-size", "8"]
     reference = tmp_path / "reference"
     res = subprocess.run([PYTHON, "-m", "data_prep", "cub", "--root", str(raw), "--out", str(reference), *options],

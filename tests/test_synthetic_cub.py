@@ -91,8 +91,8 @@ def test_parts_like_cub(root: Path):
     assert seen_sides == {"left", "right"}, "birds face both ways"
 
 
-def test_formats_match_the_real_cub_files(root: Path, shared_data: Path):
-    real = shared_data / "cub" / "CUB_200_2011"
+def test_formats_match_the_real_cub_files(root: Path, sample_data: Path):
+    real = sample_data / "cub" / "CUB_200_2011"
     assert (root / "parts" / "parts.txt").read_text() == (real / "parts" / "parts.txt").read_text()
     number, flt = r"\d+", r"\d+\.\d+"
     line_formats = {
