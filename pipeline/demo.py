@@ -108,36 +108,23 @@ def _class_caption(name: str) -> str:
     return name.split(".", 1)[-1].replace("_", " ")
 
 
-def _load_model(checkpoint: Path):
-    """(model in eval mode, its config) rebuilt from a checkpoint, as pipeline.evaluate does."""
-    from pipeline.evaluate import checkpoint_config
-    from pipeline.models import build_model
-    from pipeline.train import checkpoint as ckpt
-
-    state = ckpt.load(checkpoint)
-    cfg = checkpoint_config(state, [], str(checkpoint))
-    model = build_model(cfg.model)
-    ckpt.load_weights(model, state["model"], checkpoint, cfg.model.name)
-    return model.eval(), cfg
-
-
-def initial_part_hit_rate(checkpoint: Path) -> List[dict]:
-    """Part hit-rates of the windows the model starts from (its localisation head predicts the
-    same tiling for every image at initialisation), scored on the test split like the trained ones."""
+def initial_part_hit_rate(cfg) -> List[dict]:
+    """Part hit-rates of the windows a model of config `cfg` starts from (its localisation head
+    predicts the same tiling for every image at initialisation), scored on the test split like the
+    trained ones."""
     import torch
 
     from pipeline.data import read_manifest
     from pipeline.evaluation import evaluate
     from pipeline.models import build_model
 
-    _, cfg = _load_model(checkpoint)
     torch.manual_seed(cfg.train.seed)
     fresh = build_model(cfg.model).eval()
     metrics = evaluate(fresh, cfg, read_manifest(cfg.data.root), "test", "cpu", num_workers=0)
     return metrics.get("part_hit_rate") or []
 
 
-def draw_attention(checkpoint: Path, path: Path, count: int = 6) -> Path:
+def draw_attention(model, cfg, path: Path, count: int = 6) -> Path:
     """The README picture: `count` test images with each stream's learnt window, the crops, and
     the true and predicted class beside them."""
     import torch
@@ -145,7 +132,6 @@ def draw_attention(checkpoint: Path, path: Path, count: int = 6) -> Path:
     from pipeline.data import build_eval_loader, normalize, read_manifest
     from pipeline.train.viz import attention_picture
 
-    model, cfg = _load_model(checkpoint)
     manifest = read_manifest(cfg.data.root)
     loader = build_eval_loader(cfg, manifest, "test", rank=0, world_size=1, batch_size=64, num_workers=0)
     images, targets = _one_per_class(loader, count)
@@ -239,9 +225,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir = args.out / "run"
     train(DEMO_CONFIG, shards, run_dir, args.nproc, overrides)
     metrics = evaluate(run_dir)
-    checkpoint = _best_checkpoint(run_dir)
-    initial_hits = initial_part_hit_rate(checkpoint)
-    picture = draw_attention(checkpoint, args.out / "attention.png")
+    from pipeline.evaluate import load_model
+    model, cfg, _ = load_model(_best_checkpoint(run_dir))
+    initial_hits = initial_part_hit_rate(cfg)
+    picture = draw_attention(model, cfg, args.out / "attention.png")
     baseline = None
     if args.baseline:
         base_dir = args.out / "run_baseline"

@@ -28,26 +28,33 @@ def checkpoint_config(state: Dict[str, Any], overrides: Sequence[str], source: s
     return cfg
 
 
+def load_model(path: str | Path, overrides: Sequence[str] = ()):
+    """(model in eval mode on the CPU, its config, the checkpoint state) rebuilt from a checkpoint."""
+    from pipeline.models import build_model
+    from pipeline.train import checkpoint as ckpt
+
+    state = ckpt.load(path)
+    cfg = checkpoint_config(state, overrides, f"{path} + overrides")
+    model = build_model(cfg.model)
+    ckpt.load_weights(model, state["model"], path, cfg.model.name)
+    return model.eval(), cfg, state
+
+
 def evaluate_checkpoint(path: str | Path, split: Optional[str] = None, overrides: Sequence[str] = (),
                         max_samples: Optional[int] = None) -> Dict[str, Any]:
     """Metrics of the checkpoint at `path` on `split` (default: the config's data.eval_split)."""
     from pipeline.data import read_manifest
     from pipeline.evaluation import evaluate
-    from pipeline.models import build_model
-    from pipeline.train import checkpoint as ckpt
     from pipeline.train.distributed import setup, teardown
 
-    state = ckpt.load(path)
-    cfg = checkpoint_config(state, overrides, f"{path} + overrides")
+    model, cfg, state = load_model(path, overrides)
     split = split or cfg.data.eval_split
     env = setup(cfg.train.device)
     try:
         if not cfg.data.root:
             raise ValueError(f"{path}: the stored config has no data.root; pass --data-root")
         manifest = read_manifest(cfg.data.root)
-        model = build_model(cfg.model)
-        ckpt.load_weights(model, state["model"], path, cfg.model.name)
-        model.to(env.device).eval()
+        model.to(env.device)
         metrics = evaluate(model, cfg, manifest, split, env.device, env.rank, env.world_size, max_samples)
         return {"checkpoint": str(path), "step": state["step"], "split": split,
                 "rank": env.rank, **metrics}

@@ -53,10 +53,10 @@ def _batch(cfg, limit: int):
 
 def probe(checkpoint: Path, limit: int = 256, steps: Sequence[float] = STEPS) -> Dict[str, object]:
     from pipeline.data import normalize
-    from pipeline.demo import _load_model
+    from pipeline.evaluate import load_model
     from pipeline.models.spatial_transformer import warp_many
 
-    model, cfg = _load_model(checkpoint)
+    model, cfg, _ = load_model(checkpoint)
     st = getattr(model, "transformer", None)
     if st is None or st.kind != "translation":
         raise ValueError(f"{checkpoint}: the probe needs an N x ST-CNN with translation windows "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import register_model
 from .localisation import TrunkLocalisation, create_timm
-from .spatial_transformer import SpatialTransformer, finite_difference_theta, warp_many
+from .spatial_transformer import SpatialTransformer, finite_difference_theta
 
 
 class NxSTCNN(nn.Module):
@@ -82,14 +82,10 @@ class NxSTCNN(nn.Module):
         def losses_at(theta: torch.Tensor) -> torch.Tensor:
             if room is not None:  # the perturbed windows stay inside the image, as the bound keeps them
                 theta = theta.clamp(-room, room)
-            crops = warp_many(x, theta, st.kind, st.out_size, scale=st.scale, align_corners=st.align_corners,
-                              padding_mode=st.padding_mode, tps_basis=st.tps_basis)
-            return F.cross_entropy(self.classify(crops).float(), targets, reduction="none")
+            return F.cross_entropy(self.classify(st.sample(x, theta)).float(), targets, reduction="none")
 
         theta = finite_difference_theta(st.predict(x), losses_at, self.fd_step)
-        crops = warp_many(x, theta, st.kind, st.out_size, scale=st.scale, align_corners=st.align_corners,
-                          padding_mode=st.padding_mode, tps_basis=st.tps_basis)
-        return self.classify(crops)
+        return self.classify(st.sample(x, theta))
 
     def classify(self, crops: torch.Tensor) -> torch.Tensor:
         """Logits from the N crops (B, N, C, h, w)."""
@@ -185,11 +181,12 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
     localisation map fed to its fc layer), `stream_mode` ("loop": one stream after another;
     "vmap": all streams in one batched call, same results, for launch-bound GPU steps),
-    `window_gradient` ("sampler": backpropagation through the sampler, the paper's; "finite_difference":
-    the window parameters learn from a finite-difference slope of the training loss over `fd_step`
-    (default 0.125, 8 px of a 128 px input; see `finite_difference_theta`), for class details too
-    fine for the sampler's gradient), `loc_downscale` (the localisation trunk's input is the input average-pooled by this factor;
-    default input_size / crop_size, the paper's 448 -> 224), `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
+    `window_gradient` ("sampler": backpropagation through the sampler, the paper's;
+    "finite_difference": the window parameters learn from a finite-difference slope of the training
+    loss over `fd_step`, default 0.125 = 8 px of a 128 px input; see `finite_difference_theta`; for
+    class details too fine for the sampler's gradient), `loc_downscale` (the localisation trunk's
+    input is the input average-pooled by this factor; default input_size / crop_size, the paper's
+    448 -> 224), `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
     input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
     """
     if num_streams == 0:

@@ -351,9 +351,12 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, loc_input: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(crops (B, N, C, h, w), theta (B, N, ...)); the localisation net sees `loc_input` (default x)."""
         theta = self.predict(x if loc_input is None else loc_input)
-        crops = warp_many(x, theta, self.kind, self.out_size, scale=self.scale, align_corners=self.align_corners,
-                          padding_mode=self.padding_mode, tps_basis=self.tps_basis)
-        return crops, theta
+        return self.sample(x, theta), theta
+
+    def sample(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The N crops (B, N, C, h, w) of `x` at transforms `theta`, with this module's sampler settings."""
+        return warp_many(x, theta, self.kind, self.out_size, scale=self.scale, align_corners=self.align_corners,
+                         padding_mode=self.padding_mode, tps_basis=self.tps_basis)
 
     def boxes(self, theta: torch.Tensor) -> torch.Tensor:
         return window_boxes(theta, self.kind, self.scale)
