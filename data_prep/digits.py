@@ -1,21 +1,23 @@
 """Distorted digits (paper A.3): IDX files of MNIST or Fashion-MNIST -> distorted webdataset shards.
 
-    python -m data_prep digits --idx-root /usr/share/datasets/fashion-mnist --out data/digits_rts \\
-        --distortion RTS --seed 0 --limit 10000
+    # the paper's splits: train-* (training digits) and t10k-* (test digits), both distorted once
+    python -m data_prep digits --idx-root DIR --out data/digits_rts --distortion RTS --seed 0 --limit 10000
+    # one IDX pair split in two: its first 8,000 digits train, the rest test; training digits stay
+    # undistorted, and the trainer distorts them afresh in every batch (data.distortion=RTS)
+    python -m data_prep digits --idx-root tests/data/mnist --train-count 8000 --fresh-train \
+        --distortion RTS --out data/mnist_rts
 
-Distortions (paper A.3; every length in pixels of the 28x28 source digit):
-  R    rotation uniform in [-90, 90] degrees about the centre (> 0: clockwise on screen); 28x28.
-  RTS  rotation in [-45, 45] degrees, scale in [0.7, 1.2], placed at a random location of a 42x42 image.
-  P    scale in [0.75, 1.0], then each image corner moved by N(0, 5 px): a projective warp; 28x28.
-  E    scale in [0.75, 1.0], then a 16-point (4x4) thin-plate spline whose control points move by
-       N(0, 1.5 px); 28x28.
-  TC   the digit at a random location of a 60x60 canvas with six 6x6 patches cut at random from
-       other digits of the same split, placed at random.
+The distortions are those of `data_prep.distortions` (R, RTS, P, E, TC). Each stored sample draws
+its parameters from its own generator, seeded by (seed, split, index): a sample is the same whatever
+--limit or --shard-size, and the test split has its own seed (--test-seed, default seed + 1).
+Samples carry `png` (grayscale uint8), `cls` and `json` with the drawn parameters.
 
-Each sample draws its parameters from its own generator, seeded by (seed, split, index): a sample is
-the same whatever --limit or --shard-size, and the test split has its own seed (--test-seed,
-default seed + 1). Samples carry `png` (grayscale uint8), `cls` and `json` with the drawn parameters.
-The warps run through `pipeline.models.spatial_transformer.warp`, the same sampler the models use.
+--train-count N splits one IDX pair (`--source`, default: the only pair in --idx-root): the first N
+digits are the training source, the others the test source; the two never share a digit, and the
+split depends on N and the file only. --fresh-train stores the training digits as they are (28x28,
+json "params": null): a training run then sees a new distortion of every digit each time it draws
+it (`data.distortion`), as the paper's and our reference's training did, instead of one fixed
+distortion per digit that a 400k-parameter network memorises in a few epochs of 8,000 digits.
 """
 from __future__ import annotations
 
@@ -28,14 +30,16 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from . import DataPrepError
+from . import DataPrepError, distortions
 from ._cli import add_job_arguments, job_options, print_summary
+from .distortions import CLUTTER_PATCHES, CLUTTER_SIZE, DISTORTIONS, OUTPUT_SIZE, from_records, mix_seed, to_records
 from .jobs import JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
 from .shards import encode_png, file_sha256
 
-DISTORTIONS = ("R", "RTS", "P", "E", "TC")
-OUTPUT_SIZE = {"R": 28, "RTS": 42, "P": 28, "E": 28, "TC": 60}
+__all__ = ["CLUTTER_PATCHES", "CLUTTER_SIZE", "DISTORTIONS", "OUTPUT_SIZE", "DigitsOptions", "prepare", "distort",
+           "load_split", "read_idx", "write_idx", "write_synthetic_idx"]
 SPLIT_FILES = {"train": "train", "test": "t10k"}
 SPLIT_IDS = {"train": 0, "test": 1}
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
@@ -43,8 +47,6 @@ IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 MNIST_CLASSES = [str(d) for d in range(10)]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-CLUTTER_PATCHES = 6
-CLUTTER_SIZE = 6
 WARP_BATCH = 1024
 
 
@@ -59,6 +61,9 @@ class DigitsOptions:
     test_limit: Optional[int] = None     # first N test images; None: same as limit
     shard_size: int = 5000
     classes: str = "auto"                # auto | mnist | fashion-mnist | comma-separated names
+    train_count: Optional[int] = None    # split one IDX pair: its first N digits train, the rest test
+    source: str = "auto"                 # the pair --train-count splits: auto | train | t10k
+    fresh_train: bool = False            # store the training digits undistorted (the trainer distorts them)
 
 
 # ---- IDX files ---------------------------------------------------------------------------------
@@ -144,135 +149,17 @@ def write_synthetic_idx(root: str | Path, num_train: int = 64, num_test: int = 3
 
 # ---- drawing the distortion parameters ---------------------------------------------------------
 
-def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+def sample_rng(seed: int, split: str, index: int) -> torch.Generator:
+    """The generator of one stored sample: its distortion depends on (seed, split, index) only."""
+    return torch.Generator().manual_seed(mix_seed(seed, SPLIT_IDS[split], index))
 
 
-def draw_params(distortion: str, rng: np.random.Generator, num_images: int, index: int) -> Dict:
+def draw_params(distortion: str, rng: torch.Generator, num_images: int, index: int) -> Dict:
     """The random parameters of one sample (JSON-ready; lengths in source-digit pixels)."""
-    if distortion == "R":
-        return {"rotation_deg": float(rng.uniform(-90, 90))}
-    if distortion == "RTS":
-        scale = float(rng.uniform(0.7, 1.2))
-        # Centre offset keeping the scaled 28x28 frame inside the 42x42 canvas.
-        room = (OUTPUT_SIZE["RTS"] - 28 * scale) / 2
-        return {"rotation_deg": float(rng.uniform(-45, 45)), "scale": scale,
-                "center_offset_px": [float(v) for v in rng.uniform(-room, room, size=2)]}
-    if distortion == "P":
-        return {"scale": float(rng.uniform(0.75, 1.0)),
-                "corner_shift_px": rng.normal(0.0, 5.0, size=(4, 2)).round(4).tolist()}
-    if distortion == "E":
-        return {"scale": float(rng.uniform(0.75, 1.0)),
-                "control_shift_px": rng.normal(0.0, 1.5, size=(16, 2)).round(4).tolist()}
-    if distortion == "TC":
-        canvas = OUTPUT_SIZE["TC"]
-        others = rng.integers(0, num_images - 1, size=CLUTTER_PATCHES)
-        others = others + (others >= index)  # any digit but this one
-        return {"digit_xy": [int(v) for v in rng.integers(0, canvas - 28 + 1, size=2)],
-                "clutter": [{"source_index": int(src),
-                             "source_xy": [int(v) for v in rng.integers(0, 28 - CLUTTER_SIZE + 1, size=2)],
-                             "canvas_xy": [int(v) for v in rng.integers(0, canvas - CLUTTER_SIZE + 1, size=2)]}
-                            for src in others]}
-    raise DataPrepError(f"--distortion {distortion!r}: expected one of {', '.join(DISTORTIONS)}")
-
-
-# ---- parameters -> sampling transforms (output coords -> input coords, normalised to [-1, 1]) ----
-
-def _rotation(deg: float) -> np.ndarray:
-    a = math.radians(deg)
-    return np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-
-
-def rotation_scale_theta(deg: float, scale: float, offset_px: Sequence[float], out_size: int) -> np.ndarray:
-    """Affine theta (2,3) drawing the 28x28 digit rotated by `deg`, scaled, centred at `offset_px`."""
-    # A point at output pixel offset p (from the canvas centre) reads the digit at R(-deg)(p - c) / s.
-    inverse = _rotation(-deg) / scale
-    to_in = (out_size / 2) / 14.0  # output normalised units -> input normalised units
-    linear = inverse * to_in
-    shift = -inverse @ (np.asarray(offset_px, dtype=np.float64) / 14.0)
-    return np.concatenate([linear, shift[:, None]], axis=1)
-
-
-def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 3x3 H (H[2,2] = 1) with H @ [src, 1] ~ [dst, 1] for four point pairs (4,2)."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    h = np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64))
-    return np.append(h, 1.0).reshape(3, 3)
-
-
-CORNERS = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
-
-
-def projective_theta(scale: float, corner_shift_px: Sequence[Sequence[float]]) -> np.ndarray:
-    """Projective theta (3,3): the image corners, scaled about the centre, land moved by the shifts."""
-    moved = CORNERS * scale + np.asarray(corner_shift_px) / 14.0
-    return homography(moved, CORNERS)  # output -> input: moved corners read the original corners
-
-
-def tps_theta(scale: float, control_shift_px: Sequence[Sequence[float]]) -> np.ndarray:
-    """TPS theta (16,2): each control point reads the (scaled) digit from a randomly shifted place."""
-    from pipeline.models.spatial_transformer import control_points
-
-    # Scaling the source positions by 1/scale scales the whole spline: TPS reproduces linear maps.
-    return (control_points(16).double().numpy() + np.asarray(control_shift_px) / 14.0) / scale
-
-
-def warp_params(distortion: str, params: Dict) -> Tuple[str, np.ndarray]:
-    """(warp kind, theta) of a sample's parameters, for distortions drawn by a sampler."""
-    if distortion == "R":
-        return "affine", rotation_scale_theta(params["rotation_deg"], 1.0, (0.0, 0.0), 28)
-    if distortion == "RTS":
-        return "affine", rotation_scale_theta(params["rotation_deg"], params["scale"],
-                                              params["center_offset_px"], OUTPUT_SIZE["RTS"])
-    if distortion == "P":
-        return "projective", projective_theta(params["scale"], params["corner_shift_px"])
-    if distortion == "E":
-        return "tps", tps_theta(params["scale"], params["control_shift_px"])
-    raise ValueError(f"distortion {distortion} is not a warp")
-
-
-# ---- rendering ---------------------------------------------------------------------------------
-
-def render_warped(images: np.ndarray, distortion: str, params: List[Dict]) -> np.ndarray:
-    """Warp uint8 digits (N,28,28) bilinearly with zero padding -> (N,S,S) uint8."""
-    import torch
-
-    from pipeline.models.spatial_transformer import warp
-
-    size = OUTPUT_SIZE[distortion]
-    out = np.empty((len(images), size, size), dtype=np.uint8)
-    for start in range(0, len(images), WARP_BATCH):
-        chunk = slice(start, start + WARP_BATCH)
-        kinds_thetas = [warp_params(distortion, p) for p in params[chunk]]
-        kind = kinds_thetas[0][0]
-        theta = torch.tensor(np.stack([t for _, t in kinds_thetas]), dtype=torch.float32)
-        x = torch.from_numpy(images[chunk].astype(np.float32))[:, None]
-        with torch.no_grad():
-            y = warp(x, theta, kind, (size, size))
-        out[chunk] = y[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
-    return out
-
-
-def render_cluttered(images: np.ndarray, params: List[Dict], sources: np.ndarray) -> np.ndarray:
-    """TC: paste clutter patches from `sources` and the digit on a black canvas (max blend, so
-    neither hides the other)."""
-    size = OUTPUT_SIZE["TC"]
-    out = np.zeros((len(images), size, size), dtype=np.uint8)
-    for canvas, image, p in zip(out, images, params):
-        for patch in p["clutter"]:
-            sx, sy = patch["source_xy"]
-            cx, cy = patch["canvas_xy"]
-            piece = sources[patch["source_index"], sy:sy + CLUTTER_SIZE, sx:sx + CLUTTER_SIZE]
-            region = canvas[cy:cy + CLUTTER_SIZE, cx:cx + CLUTTER_SIZE]
-            np.maximum(region, piece, out=region)
-        x, y = p["digit_xy"]
-        region = canvas[y:y + 28, x:x + 28]
-        np.maximum(region, image, out=region)
-    return out
+    try:
+        return to_records(distortions.draw(distortion, 1, rng, num_sources=num_images, first_index=index))[0]
+    except ValueError as err:
+        raise DataPrepError(f"--distortion {distortion!r}: {err}") from None
 
 
 def distort(images: np.ndarray, distortion: str, seed: int, split: str,
@@ -288,9 +175,13 @@ def distort(images: np.ndarray, distortion: str, seed: int, split: str,
         raise DataPrepError("TC needs at least 2 images per split (clutter comes from other digits)")
     params = [draw_params(distortion, sample_rng(seed, split, first_index + i), len(sources), first_index + i)
               for i in range(len(images))]
-    if distortion == "TC":
-        return render_cluttered(images, params, sources), params
-    return render_warped(images, distortion, params), params
+    out = np.empty((len(images), OUTPUT_SIZE[distortion], OUTPUT_SIZE[distortion]), dtype=np.uint8)
+    source_tensor = torch.tensor(sources) if distortion == "TC" else None  # a copy: IDX arrays are read-only
+    for start in range(0, len(images), WARP_BATCH):
+        chunk = slice(start, start + WARP_BATCH)
+        out[chunk] = distortions.render(torch.tensor(images[chunk]), distortion, from_records(params[chunk]),
+                                        source_tensor).numpy()
+    return out, params
 
 
 # ---- the command -------------------------------------------------------------------------------
@@ -308,22 +199,56 @@ def class_names(option: str, root: Path) -> List[str]:
     return names
 
 
-def _samples(distortion: str, split: str, seed: int, images: np.ndarray, labels: np.ndarray,
-             start: int, stop: int) -> Iterator[Dict]:
-    canvases, params = distort(images[start:stop], distortion, seed, split, first_index=start, sources=images)
-    size = OUTPUT_SIZE[distortion]
+def _samples(distortion: Optional[str], split: str, seed: int, images: np.ndarray, labels: np.ndarray,
+             start: int, stop: int, first_source_index: int) -> Iterator[Dict]:
+    """Samples start..stop-1 of a split; distortion None stores the digits as they are (--fresh-train)."""
+    if distortion is None:
+        canvases, params = images[start:stop], [None] * (stop - start)
+    else:
+        canvases, params = distort(images[start:stop], distortion, seed, split, first_index=start, sources=images)
     for offset, (canvas, p) in enumerate(zip(canvases, params)):
         index = start + offset
         label = int(labels[index])
         yield {"__key__": f"{split}_{index:06d}", "png": encode_png(canvas), "cls": label,
-               "json": {"index": index, "split": split, "label": label, "distortion": distortion,
-                        "seed": seed, "size": [size, size], "params": p}}
+               "json": {"index": index, "source_index": first_source_index + index, "split": split, "label": label,
+                        "distortion": distortion, "seed": seed if distortion else None,
+                        "size": list(canvas.shape), "params": p}}
 
 
 def prepare(opts: DigitsOptions, job: JobOptions = JobOptions()) -> Optional[Dict]:
     """Write the shards and manifest.json of one distortion; returns the manifest (None while
     other jobs' shards are missing). Resumable and split into pieces like cub and svhn (`job`)."""
     return run_plan(opts.out, make_plan(opts), build_shard, job)
+
+
+def split_sources(opts: DigitsOptions, root: Path) -> Dict[str, Tuple[str, int, Optional[int]]]:
+    """split -> (IDX pair, first digit, end digit or None): the paper's two pairs, or one pair cut at
+    --train-count (its first N digits train, the rest test: disjoint by construction)."""
+    if opts.train_count is None:
+        if opts.source != "auto":
+            raise DataPrepError(f"--source {opts.source}: only with --train-count (it names the pair to split)")
+        return {"train": ("train", 0, None), "test": ("test", 0, None)}
+    present = [split for split in ("train", "test") if _has_pair(root, split)]
+    if opts.source != "auto":
+        pair = "test" if opts.source == "t10k" else opts.source
+    elif len(present) == 1:
+        pair = present[0]
+    else:
+        raise DataPrepError(f"--idx-root {root}: --train-count splits one IDX pair, and "
+                            f"{'both train-* and t10k-*' if present else 'none'} are there; "
+                            "--source train|t10k names the one to split")
+    total = len(read_idx(find_idx(root, pair, "labels"), IDX_LABELS_MAGIC))
+    if not 0 < opts.train_count < total:
+        raise DataPrepError(f"--train-count {opts.train_count}: must be between 1 and {total - 1} "
+                            f"({find_idx(root, pair, 'labels')} holds {total} digits)")
+    return {"train": (pair, 0, opts.train_count), "test": (pair, opts.train_count, None)}
+
+
+def _has_pair(root: Path, split: str) -> bool:
+    try:
+        return bool(find_idx(root, split, "images") and find_idx(root, split, "labels"))
+    except DataPrepError:
+        return False
 
 
 def make_plan(opts: DigitsOptions) -> Plan:
@@ -342,34 +267,43 @@ def make_plan(opts: DigitsOptions) -> Plan:
     classes = class_names(opts.classes, root)
     limits = {"train": opts.limit, "test": opts.limit if opts.test_limit is None else opts.test_limit}
     seeds = {"train": opts.seed, "test": test_seed}
+    sources = split_sources(opts, root)
     specs, files = [], {}
     _split_arrays.cache_clear()  # read the files as they are now, not as an earlier plan in this process saw them
     for split in ("train", "test"):
-        images, _ = _split_arrays(str(root), split, limits[split])  # read and checked before anything is written
-        context = {"root": str(root), "split": split, "seed": seeds[split], "limit": limits[split],
-                   "distortion": opts.distortion}
+        pair, first, end = sources[split]
+        images, _ = _split_arrays(str(root), pair, first, end, limits[split])  # read and checked before anything is written
+        stored = None if split == "train" and opts.fresh_train else opts.distortion
+        context = {"root": str(root), "split": split, "seed": seeds[split], "pair": pair, "first": first, "end": end,
+                   "limit": limits[split], "distortion": stored}
         specs += chunk_specs(split, [(context, index) for index in range(len(images))], opts.shard_size)
-        files.update({path.name: file_sha256(path) for path in (find_idx(root, split, kind) for kind in ("images", "labels"))})
+        files.update({path.name: file_sha256(path) for path in (find_idx(root, pair, kind) for kind in ("images", "labels"))})
     # the folder's identity: what decides the bytes (the IDX files' contents, not where they are)
     options = {"distortion": opts.distortion, "seeds": seeds, "limits": limits, "shard_size": opts.shard_size,
-               "classes": classes}
+               "classes": classes, "sources": sources, "fresh_train": opts.fresh_train}
     extra = {"task": "classification", "classes": classes, "image_size": OUTPUT_SIZE[opts.distortion],
-             "distortion": opts.distortion, "seeds": seeds}
+             "distortion": opts.distortion, "seeds": seeds,
+             "train_distortion": "fresh" if opts.fresh_train else "stored",
+             "sources": {split: {"idx": SPLIT_FILES[pair], "first": first, "end": end}
+                         for split, (pair, first, end) in sources.items()}}
     return Plan("digits", specs, ["train", "test"], options, str(root), extra, plan_digest=digest([options, files]))
 
 
-@functools.lru_cache(maxsize=2)
-def _split_arrays(root: str, split: str, limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """load_split, once per plan and process: every shard of a split reads the same arrays (forked
-    workers inherit the planning process's copy)."""
-    return load_split(Path(root), split, limit)
+@functools.lru_cache(maxsize=4)
+def _split_arrays(root: str, pair: str, first: int, end: Optional[int],
+                  limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Digits first..end-1 of an IDX pair, the first `limit` of them; read once per plan and process
+    (every shard of a split reads the same arrays; forked workers inherit the planner's copy)."""
+    images, labels = load_split(Path(root), pair)
+    images, labels = images[first:end], labels[first:end]
+    return (images[:limit], labels[:limit]) if limit is not None else (images, labels)
 
 
 def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
-    context = spec.items[0][0]
-    images, labels = _split_arrays(context["root"], context["split"], context["limit"])
+    c = spec.items[0][0]
+    images, labels = _split_arrays(c["root"], c["pair"], c["first"], c["end"], c["limit"])
     start, stop = spec.items[0][1], spec.items[-1][1] + 1
-    return _samples(context["distortion"], context["split"], context["seed"], images, labels, start, stop), []
+    return _samples(c["distortion"], c["split"], c["seed"], images, labels, start, stop, c["first"]), []
 
 
 def main(argv: Sequence[str]) -> int:
@@ -381,6 +315,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--test-seed", type=int, default=None, help="seed of the test split (default: seed + 1)")
     p.add_argument("--limit", type=int, default=None, help="use the first N training (and test) images")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test images (default: --limit)")
+    p.add_argument("--train-count", type=int, default=None,
+                   help="split one IDX pair: its first N digits are the training split, the rest the test split")
+    p.add_argument("--source", default="auto", choices=("auto", "train", "t10k"),
+                   help="the IDX pair --train-count splits (auto: the only pair in --idx-root)")
+    p.add_argument("--fresh-train", action="store_true",
+                   help="store the training digits undistorted; training distorts them afresh (data.distortion)")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     p.add_argument("--classes", default="auto", help="auto | mnist | fashion-mnist | 10 comma-separated names")
     add_job_arguments(p)

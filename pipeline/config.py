@@ -49,6 +49,9 @@ class DataConfig:
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     on_corrupt: str = "skip"               # skip (count and go on) | error
+    channels: int = 3                      # 3: RGB; 1: grayscale (the digits models)
+    distortion: Optional[str] = None       # R | RTS | P | E | TC: distort each training batch afresh (digits
+                                           # shards written with data_prep digits --fresh-train); null: none
 
 
 @dataclass
@@ -198,6 +201,8 @@ _CHOICES = {
 }
 
 
+DIGIT_DISTORTIONS = ("R", "RTS", "P", "E", "TC")  # data_prep.distortions (not imported: configs load torch-free)
+
 # torch.compile's modes (null: its default, the quickest to compile).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -222,8 +227,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError(f"{key}={value} must be positive")
     if m.num_streams < 0:
         raise ConfigError(f"model.num_streams={m.num_streams} must be >= 0")
-    if m.crop_size > m.input_size:
-        raise ConfigError(f"model.crop_size={m.crop_size} is larger than model.input_size={m.input_size}")
+    # crop_size > input_size is refused by the models that take a crop (nxst_cnn); the others ignore it.
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if not 0.0 < m.transform_scale <= 1.0:
@@ -247,6 +251,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"schedule.milestones={cfg.schedule.milestones} must be increasing")
     if len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("data.mean and data.std must have the same length")
+    if cfg.data.channels not in (1, 3) or len(cfg.data.mean) != cfg.data.channels:
+        raise ConfigError(f"data.channels={cfg.data.channels} must be 1 or 3, with as many data.mean and data.std "
+                          f"values (got {len(cfg.data.mean)})")
+    if cfg.data.distortion is not None and cfg.data.distortion not in DIGIT_DISTORTIONS:
+        raise ConfigError(f"data.distortion={cfg.data.distortion!r} is not one of null, {', '.join(DIGIT_DISTORTIONS)}")
     if world_size is not None:
         per_rank_batch(cfg, world_size)
     return cfg

@@ -22,7 +22,8 @@ def test_unknown_key_in_file_names_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("model.crop_size=999", "model.crop_size"),
+    ("data.distortion=XY", "data.distortion"),
+    ("data.channels=2", "data.channels"),
     ("model.transform=spiral", "model.transform"),
     ("train.global_batch_size=0", "train.global_batch_size"),
     ("model.num_streams=abc", "model.num_streams"),

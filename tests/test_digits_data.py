@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import PYTHON, REPO, need, subprocess_env
 from data_prep import DataPrepError
 from data_prep.__main__ import main as data_prep_main
 from data_prep.digits import (CLUTTER_SIZE, DISTORTIONS, OUTPUT_SIZE, distort, draw_params, load_split,
-                              projective_theta, read_idx, rotation_scale_theta, sample_rng, tps_theta,
-                              write_idx, write_synthetic_idx)
+                              read_idx, sample_rng, write_idx, write_synthetic_idx)
+from data_prep.distortions import projective_theta, rotation_scale_theta, tps_theta
 from pipeline.models.spatial_transformer import control_points
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -130,9 +131,12 @@ def test_tc_clutter_comes_from_six_other_digits():
 # ---- geometry of the rendered images ------------------------------------------------------------
 
 def test_zero_distortion_parameters_give_back_the_image():
-    np.testing.assert_allclose(projective_theta(1.0, np.zeros((4, 2))), np.eye(3), atol=1e-12)
-    np.testing.assert_allclose(tps_theta(1.0, np.zeros((16, 2))), control_points(16).numpy(), atol=1e-6)
-    np.testing.assert_allclose(rotation_scale_theta(0.0, 1.0, (0, 0), 28), np.eye(2, 3), atol=1e-12)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    np.testing.assert_allclose(projective_theta(one, torch.zeros(1, 4, 2, dtype=torch.float64))[0], np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(tps_theta(one, torch.zeros(1, 16, 2, dtype=torch.float64))[0],
+                               control_points(16).numpy(), atol=1e-6)
+    np.testing.assert_allclose(rotation_scale_theta(zero, one, torch.zeros(1, 2, dtype=torch.float64), 28)[0],
+                               np.eye(2, 3), atol=1e-12)
 
 
 def test_rotation_moves_a_blob_where_the_recorded_angle_says(monkeypatch):

@@ -23,6 +23,8 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # EXIF orientation is ignored: CUB's boxes and parts are in the stored pixel grid, as PIL reads it.
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
               8: cv2.IMREAD_REDUCED_COLOR_8}
+_CV2_GRAY_FLAGS = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+                   8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 class CorruptSample(Exception):
@@ -39,8 +41,9 @@ def _reduce_factor(width: int, height: int, min_side: Optional[int]) -> int:
     return factor
 
 
-def decode_rgb(data: bytes, min_side: Optional[int] = None) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """(H x W x 3 uint8 RGB array, original (width, height)) of encoded image bytes.
+def decode_rgb(data: bytes, min_side: Optional[int] = None, channels: int = 3) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """(H x W x 3 uint8 RGB array, original (width, height)) of encoded image bytes; with
+    `channels=1`, H x W x 1 grayscale (data.channels, the digits models).
 
     Grayscale, palette, CMYK and RGBA images come back as RGB. With `min_side` a large JPEG may
     be decoded at a reduced size whose shorter side is still >= min_side; the returned size is
@@ -50,9 +53,12 @@ def decode_rgb(data: bytes, min_side: Optional[int] = None) -> Tuple[np.ndarray,
         img = Image.open(io.BytesIO(data))  # reads the header only
         size = img.size
         factor = _reduce_factor(*size, min_side) if img.format == "JPEG" else 1
-        array = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
+        flags = (_CV2_GRAY_FLAGS if channels == 1 else _CV2_FLAGS)[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if array is None:  # a format or mode OpenCV lacks: let PIL try
-            return np.asarray(img.convert("RGB")), size
+            return np.asarray(img.convert("L" if channels == 1 else "RGB")).reshape(size[1], size[0], channels), size
+        if channels == 1:
+            return array[:, :, None], size
         return cv2.cvtColor(array, cv2.COLOR_BGR2RGB), size
     except UnidentifiedImageError:
         raise CorruptSample("not an image in a known format") from None

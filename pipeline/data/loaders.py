@@ -100,10 +100,13 @@ class _Decode:
     def _load(self, sample: Dict[str, Any], augment) -> Tuple[np.ndarray, Any, Dict[str, Any]]:
         meta = sample_json(sample)
         target = self._target(sample, meta)
-        image, size = decode_rgb(image_bytes(sample), self.min_side)
-        if augment is not None:
-            return augment(image=image)["image"], target, {}
+        channels = self.cfg.data.channels
+        image, size = decode_rgb(image_bytes(sample), self.min_side, channels)
+        if self.seeds is not None:  # training: augmented, or as stored when the trainer distorts the batch
+            image = augment(image=image)["image"] if augment is not None else image
+            return image.reshape(*image.shape[:2], channels), target, {}
         image, view = eval_transform(image, size, self.cfg)
+        image = image.reshape(*image.shape[:2], channels)  # cv2 drops a single channel's axis
         return image, target, {"key": sample["__key__"], "shard": sample.get("__url__"), "size": list(size),
                                "bbox": meta.get("bbox"), "parts": meta.get("parts", []), "view": view.as_list()}
 
@@ -111,7 +114,9 @@ class _Decode:
         if get_worker_info() is not None:  # one thread per worker: W workers x OpenCV's core-count pool oversubscribes
             cv2.setNumThreads(1)
         augment = None
-        if self.seeds is not None:  # albumentations' own RNG, seeded per rank, worker and epoch like the shards
+        # albumentations' own RNG, seeded per rank, worker and epoch like the shards; with
+        # data.distortion the trainer distorts the stored digits afresh on the device instead
+        if self.seeds is not None and self.cfg.data.distortion is None:
             augment = train_augment(self.cfg)
             augment.set_random_seed(self.seeds(2))
         skipped = in_a_row = 0

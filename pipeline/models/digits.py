@@ -10,7 +10,7 @@
   transformer on RTS) get the first conv zero-padded to keep its size.
 - ST-FCN / ST-CNN: a spatial transformer (`affine`, `projective` or 16-point `tps`) at the start,
   then the FCN / CNN. Localisation: FC 32-32-32 on the image (ST-FCN); on a 2x downsampled image,
-  two 20-filter 5x5 convs each followed by 2x2 max-pooling, then a 20-unit FC (ST-CNN). The
+  two unpadded 20-filter 5x5 convs with 2x2 max-pooling between them, then a 20-unit FC (ST-CNN). The
   transformer starts at the identity (zero weights, identity bias); with `pool_after_st` its output
   is average-pooled 2x (RTS and TC in the paper), so the classifier sees a 21x21 / 30x30 image.
 
@@ -96,11 +96,20 @@ def fcn_localisation(input_size: int) -> nn.Sequential:
                          nn.Linear(32, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True))
 
 
+def loc_side(input_size: int) -> int:
+    """Side of the ST-CNN localisation net's last map: /2, 5x5 conv, max 2, 5x5 conv (28 -> 1, 42 -> 4, 60 -> 9)."""
+    return (input_size // 2 - 4) // 2 - 4
+
+
 def cnn_localisation(input_size: int) -> nn.Sequential:
-    """Paper A.3 ST-CNN: 2x downsampling, two 20-filter 5x5 convs with 2x2 max-pooling, FC 20."""
-    side = input_size // 8  # 5x5 convs padded to keep the size, so that 28 px inputs fit
-    return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(1, 20, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-                         nn.Conv2d(20, 20, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten(),
+    """Paper A.3 ST-CNN: on the 2x-downsampled input, two 20-filter 5x5 convolutions without padding
+    with 2x2 max-pooling between them, then FC 20. The paper does not say how it downsamples: a 2x2
+    average (an anti-aliased half-size image, which a later max-pool would not be)."""
+    side = loc_side(input_size)
+    if side < 1:
+        raise ValueError(f"input_size={input_size} is too small for the ST-CNN localisation net; expected at least 28")
+    return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(1, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Conv2d(20, 20, 5), nn.ReLU(inplace=True), nn.Flatten(),
                          nn.Linear(20 * side * side, 20), nn.ReLU(inplace=True))
 
 

@@ -32,6 +32,7 @@ from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import Config, per_rank_batch, save_config, to_dict
+from pipeline.data.manifest import DataError
 from pipeline.models import build_model
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import DistEnv, all_gather_object, any_rank, barrier
@@ -85,6 +86,7 @@ class Trainer:
         self.images_seen = 0
         self.best: Optional[float] = None
         self.metrics: Optional[Dict[str, Any]] = None
+        self.distortion = None  # data.distortion's fresh batch distortion, set by fit()
         self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.resume_from = self.checkpoints.resume_path(cfg.train.resume)  # a missing file fails first
 
@@ -93,6 +95,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         t = self.cfg.train
         self.manifest = self.read_data()
+        self.distortion = self.fresh_distortion()
         self.build_model_and_optimiser()
         self.manifest.check_model(self.task, self.cfg.model.num_classes)  # labels fit the classifier
         self.restore_or_start()
@@ -134,6 +137,22 @@ class Trainer:
     def read_data(self):
         from pipeline.data import read_manifest
         return read_manifest(self.cfg.data.root)
+
+    def fresh_distortion(self):
+        """data.distortion's batch distortion (None without it), checked against what the shards hold."""
+        asked, where = self.cfg.data.distortion, self.manifest.root / "manifest.json"
+        stored_fresh = self.manifest.raw.get("train_distortion") == "fresh"
+        wanted = self.manifest.raw.get("distortion")
+        if stored_fresh and asked != wanted:
+            raise DataError(f"{where}: its training digits are stored undistorted, to be distorted afresh with "
+                            f"data.distortion={wanted} (the test split's distortion); got data.distortion={asked}")
+        if asked is not None and not stored_fresh:
+            raise DataError(f"data.distortion={asked}: {where} holds no undistorted training digits to distort "
+                            "(write them with python -m data_prep digits --fresh-train)")
+        if asked is None:
+            return None
+        from data_prep.distortions import FreshDistortion
+        return FreshDistortion(asked)
 
     def build_model_and_optimiser(self) -> None:
         cfg, env = self.cfg, self.env
@@ -226,17 +245,22 @@ class Trainer:
 
     def train_stream(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         from pipeline.data import build_train_loader
+        if self.distortion is not None:  # restarts with the stream: a resumed run draws the same distortions
+            self.distortion.reseed(stream_seed(self.cfg.train.seed, self.step) * 1009 + self.env.rank)
         return iter(build_train_loader(self.cfg, self.manifest, self.env.rank, self.env.world_size,
                                        self.micro_batch, stream_seed(self.cfg.train.seed, self.step)))
 
     def autocast(self):
         return autocast(self.env.device, self.precision)
 
-    def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, images: torch.Tensor, targets: torch.Tensor,
+                  distort: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         from pipeline.data import normalize
         d = self.cfg.data
         images = images.to(self.env.device, non_blocking=True)
         targets = targets.to(self.env.device, non_blocking=True)
+        if distort and self.distortion is not None:  # on the uint8 pixels: the warp's zero padding stays black
+            images = self.distortion(images)
         return normalize(images, d.mean, d.std, self.memory_format == torch.channels_last), targets
 
     def next_batch(self, stream) -> Tuple[torch.Tensor, torch.Tensor, float]:
@@ -244,7 +268,7 @@ class Trainer:
         with blocked_in_new_workers():
             images, targets = next(stream)
         wait = time.perf_counter() - start
-        images, targets = self.to_device(images, targets)
+        images, targets = self.to_device(images, targets, distort=True)
         return images, targets, wait
 
     def train_step(self, stream, stop: Optional[StopRequest] = None) -> Tuple[torch.Tensor, float, bool]:
