@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, REPO, need, subprocess_env
+from conftest import PYTHON, REPO, SAMPLE_DATA, need, subprocess_env
 from data_prep import DataPrepError
 from data_prep.__main__ import main as data_prep_main
 from data_prep.digits import (CLUTTER_SIZE, DISTORTIONS, OUTPUT_SIZE, distort, draw_params, load_split,
@@ -273,3 +273,99 @@ def test_real_fashion_mnist_images_through_every_distortion():
         # Warps move mass around and shrink it (scales down to 0.7, P corners pulled in) but keep a good part.
         ratio = out.reshape(8, -1).sum(1) / images.reshape(8, -1).sum(1)
         assert np.all(ratio > 0.15), (distortion, ratio)
+
+
+# ---- one IDX pair split in two (--train-count), undistorted training digits (--fresh-train) ------
+
+def one_pair(tmp_path, count: int = 40) -> Path:
+    """A folder holding only a t10k pair, as tests/data/mnist does."""
+    root = write_synthetic_idx(tmp_path / "pair", num_train=2, num_test=count, seed=3)
+    for path in root.glob("train-*"):
+        path.unlink()
+    return root
+
+
+def test_train_count_splits_one_pair_disjointly_and_deterministically(tmp_path):
+    root = one_pair(tmp_path)
+    argv = ["digits", "--idx-root", str(root), "--distortion", "RTS", "--train-count", "30", "--fresh-train",
+            "--shard-size", "7"]
+    assert data_prep_main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert data_prep_main(argv + ["--out", str(tmp_path / "b"), "--workers", "2"]) == 0
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("a", "b")]
+    assert [m["splits"]["train"]["num_samples"] for m in manifests] == [30, 30]
+    assert [m["splits"]["test"]["num_samples"] for m in manifests] == [10, 10]
+    # the same bytes however the job ran: the split depends on the file and N only
+    assert [[s["sha256"] for s in m["splits"]["test"]["shards"]] for m in manifests][0] == \
+           [[s["sha256"] for s in m["splits"]["test"]["shards"]] for m in manifests][1]
+    samples = {}
+    for tar in sorted((tmp_path / "a").glob("*.tar")):
+        samples.update({key: value | {"split": tar.name.split("-")[0]} for key, value in read_tar(tar).items()})
+    sources = {split: sorted(json.loads(s["json"])["source_index"] for s in samples.values() if s["split"] == split)
+               for split in ("train", "test")}
+    assert sources == {"train": list(range(30)), "test": list(range(30, 40))}  # disjoint, all digits used
+    images, labels = load_split(root, "test")
+    for sample in samples.values():
+        meta = json.loads(sample["json"])
+        assert meta["label"] == labels[meta["source_index"]]
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        if sample["split"] == "train":  # stored as they are: the trainer distorts them afresh
+            assert meta["params"] is None and np.array_equal(pixels, images[meta["source_index"]])
+        else:
+            assert pixels.shape == (42, 42) and meta["params"]["scale"] >= 0.7
+    assert manifests[0]["train_distortion"] == "fresh" and manifests[0]["sources"]["test"]["first"] == 30
+
+
+def test_real_mnist_split_8000_2000(tmp_path):
+    out = tmp_path / "mnist"
+    assert data_prep_main(["digits", "--idx-root", str(SAMPLE_DATA / "mnist"), "--out", str(out), "--distortion",
+                           "TC", "--train-count", "8000", "--limit", "64", "--test-limit", "32"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"] == {"train": {"idx": "t10k", "first": 0, "end": 8000},
+                                   "test": {"idx": "t10k", "first": 8000, "end": None}}
+    _, labels = load_split(SAMPLE_DATA / "mnist", "test")
+    test = read_tar(next(out.glob("test-*.tar")))
+    metas = sorted((json.loads(s["json"]) for s in test.values()), key=lambda m: m["index"])
+    assert [m["source_index"] for m in metas] == list(range(8000, 8032))
+    assert [m["label"] for m in metas] == labels[8000:8032].tolist()
+
+
+def test_train_count_errors_name_the_option(tmp_path, capsys):
+    both = write_synthetic_idx(tmp_path / "both", num_train=8, num_test=8)
+    assert data_prep_main(["digits", "--idx-root", str(both), "--out", str(tmp_path / "o"), "--distortion", "R",
+                           "--train-count", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--source train|t10k names the one to split" in err
+    assert data_prep_main(["digits", "--idx-root", str(one_pair(tmp_path)), "--out", str(tmp_path / "o"),
+                           "--distortion", "R", "--train-count", "40"]) == 2
+    assert "--train-count 40: must be between 1 and 39" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ---- fresh distortions of every training batch ------------------------------------------------------
+
+@pytest.mark.parametrize("distortion", DISTORTIONS)
+def test_fresh_distortion_is_new_every_batch_and_reproducible(distortion):
+    from data_prep.distortions import FreshDistortion
+
+    digits = torch.from_numpy(np.stack([blob_image(0, 0, 4), blob_image(3, -2, 5)] * 4))[:, None]
+    fresh = FreshDistortion(distortion, seed=5)
+    first, second = fresh(digits), fresh(digits)
+    size = OUTPUT_SIZE[distortion]
+    assert first.shape == (8, 1, size, size) and first.dtype == torch.uint8
+    assert not torch.equal(first, second)  # a new distortion each time a digit is drawn
+    fresh.reseed(5)
+    assert torch.equal(fresh(digits), first)  # the same stream from the same seed (resume)
+    assert all(int(image.max()) > 100 for image in first)  # the digit is still there
+
+
+def test_fresh_and_stored_distortions_share_one_definition(idx_root):
+    """A training batch distorted afresh is made as data_prep makes a stored sample from the same parameters."""
+    from data_prep.distortions import draw, from_records, render
+
+    images, _ = load_split(idx_root, "train")
+    out, records = distort(images, "P", 4, "train")
+    again = render(torch.from_numpy(images.copy()), "P", from_records(records)).numpy()
+    np.testing.assert_array_equal(again, out)
+    drawn = draw("RTS", 4000, torch.Generator().manual_seed(0))
+    assert drawn["scale"].min() >= 0.7 and drawn["scale"].max() <= 1.2 and drawn["rotation_deg"].abs().max() <= 45
+    assert torch.all(drawn["center_offset_px"].abs() <= (42 - 28 * drawn["scale"][:, None]) / 2 + 1e-9)

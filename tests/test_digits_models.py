@@ -86,3 +86,20 @@ def test_explicit_width_and_bad_arguments():
         create_model("digits_st_cnn", input_size=20, pool_after_st=True)
     with pytest.raises(ValueError, match="attend"):
         create_model("digits_cnn").attend(torch.zeros(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("size, side", [(28, 1), (42, 4), (60, 9)])
+def test_st_cnn_localisation_is_paper_a3_at_28_42_60(size, side):
+    """On the 2x-downsampled input: conv 5x5 (20, unpadded) - max 2 - conv 5x5 (20, unpadded) - FC 20."""
+    from pipeline.models.digits import cnn_localisation
+
+    net = cnn_localisation(size)
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.padding) for c in convs] == [(20, (5, 5), (0, 0))] * 2
+    x = torch.rand(3, 1, size, size)
+    assert net[:-3](x).shape == (3, 20, side, side)  # the map before flatten and FC
+    assert net(x).shape == (3, 20)
+    model = create_model("digits_st_cnn", input_size=size, transform="affine")
+    assert model(x).shape == (3, 10)
+    with pytest.raises(ValueError, match="input_size=26 is too small for the ST-CNN localisation net"):
+        cnn_localisation(26)

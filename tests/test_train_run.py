@@ -228,3 +228,22 @@ def test_finite_difference_windows_refuse_fp16(shards, tmp_path, capsys, monkeyp
     line = _error_line(capsys)
     assert "window_gradient=finite_difference" in line and "fp16" in line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_data_distortion_must_match_what_the_shards_hold(shards, tmp_path, capsys):
+    from data_prep.digits import DigitsOptions, prepare, write_synthetic_idx
+
+    # CUB-style shards hold no undistorted digits to distort
+    assert main(tiny_run(shards, tmp_path / "run", "train.max_steps=1", "data.distortion=RTS")) == 2
+    line = _error_line(capsys)
+    assert line.startswith("error: data.distortion=RTS") and "--fresh-train" in line
+    idx = write_synthetic_idx(tmp_path / "idx", num_train=16, num_test=8)
+    prepare(DigitsOptions(idx_root=str(idx), out=str(tmp_path / "rts"), distortion="RTS", fresh_train=True))
+    digits = ["--config", "configs/digits/st_cnn.yaml", f"data.root={tmp_path / 'rts'}", f"run.dir={tmp_path / 'd'}",
+              "train.max_steps=2", "train.global_batch_size=8", "train.eval_every=2", "train.checkpoint_every=2"]
+    assert main(digits + ["data.distortion=TC"]) == 2  # the shards were written for RTS
+    line = _error_line(capsys)
+    assert "stored undistorted" in line and "data.distortion=RTS" in line and "manifest.json" in line
+    assert main(digits + ["data.distortion=null"]) == 2
+    assert main(digits) == 0  # RTS: each batch distorted afresh to the 42 px the model takes
+    assert (tmp_path / "d" / "checkpoints" / "last.pt").is_file()

@@ -1,4 +1,4 @@
-"""python -m pipeline.experiments distorted --idx-root DIR [--quick] [--out DIR] [--seeds N] ...
+"""python -m pipeline.experiments distorted --idx-root DIR [--train-count N] [--profile quick|standard|paper] ...
    python -m pipeline.experiments window-gradient --checkpoint RUN/checkpoints/best.pt
 
 Thin launcher: the experiments live in the importable modules of this package.
@@ -15,19 +15,22 @@ EXPERIMENTS = ("distorted", "window-gradient")
 
 
 def parse_distorted(argv: List[str]) -> argparse.Namespace:
-    from .distorted import DISTORTIONS, MODEL_KEYS, ROWS
+    from .distorted import DISTORTIONS, MODEL_KEYS, PROFILES, ROWS
 
     p = argparse.ArgumentParser(prog="python -m pipeline.experiments distorted",
                                 description="Paper Table 1: FCN/CNN/ST-FCN/ST-CNN on distorted digits.")
     p.add_argument("--idx-root", required=True, help="folder with the MNIST or Fashion-MNIST IDX files")
-    p.add_argument("--out", default=None,
-                   help="results, cached shards, checkpoints (default runs/distorted, quick: runs/distorted_quick)")
-    p.add_argument("--quick", action="store_true", help="the quick profile: training subset, few steps, 1 seed")
+    p.add_argument("--train-count", type=int, default=None,
+                   help="split one IDX pair: its first N digits train, the rest test (e.g. 8000 for MNIST's t10k)")
+    p.add_argument("--out", default=None, help="results, cached shards, runs (default runs/digits_<profile>)")
+    p.add_argument("--profile", default="standard", choices=tuple(PROFILES),
+                   help="quick: every code path, minutes; standard: the 2-core table; paper: the paper's schedule")
+    p.add_argument("--quick", dest="profile", action="store_const", const="quick", help="same as --profile quick")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per (model, distortion)")
     p.add_argument("--distortions", default=",".join(DISTORTIONS), help="comma-separated subset of R,RTS,P,E,TC")
     p.add_argument("--models", default=",".join(MODEL_KEYS),
                    help=f"comma-separated subset of {','.join(ROWS)} (default: Table 1's {len(MODEL_KEYS)} rows)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (lr /10 at 1/3 and 2/3)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (the profile's lr milestones scale)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images (default: profile's)")
     p.add_argument("--test-limit", type=int, default=None, help="first N test images (default: profile's)")

@@ -1,18 +1,32 @@
 """Paper Table 1: FCN, CNN, ST-FCN and ST-CNN (affine / projective / TPS) on distorted digits.
 
-    python -m pipeline.experiments distorted --idx-root /usr/share/datasets/fashion-mnist --quick
+    python -m pipeline.experiments distorted --idx-root tests/data/mnist --train-count 8000 --profile standard
 
-For each distortion (R, RTS, P, E, TC) the runner writes the shards once with `data_prep digits`
-(cached under OUT/data), loads them into memory, and trains every (model, seed) in this process on
-the CPU with the paper's schedule scaled to `steps`: SGD, lr 0.01, lr /10 at 1/3 and 2/3 of the
-run, batch 256, no weight decay; the localisation net's lr is lr x `loc_lr_scale`. It writes
-OUT/results.jsonl (one line per run; a rerun skips the runs already there with the same settings),
-OUT/table.md (test error in %, mean ± standard deviation over seeds, in Table 1's layout) and
-OUT/distorted_<D>.png (test images with the region each ST-CNN samples, and what it outputs).
+Every run is an ordinary training run of the project's Trainer (`pipeline.train.run`) with a config
+of configs/digits/ and the profile's overrides: the same loop, checkpoints, NaN stop, metrics.jsonl,
+TensorBoard scalars and attention pictures as any other experiment, in OUT/runs/<D>/<model>-seed<S>-<id>/.
+For each distortion (R, RTS, P, E, TC) the shards come from `data_prep digits --fresh-train`
+(cached in OUT/data): a fixed distortion of every test digit, and the undistorted training digits,
+which the trainer distorts afresh in every batch (data.distortion).
+
+Profiles (`--profile`):
+  quick     every code path in about a minute a run: 40 steps, the tests' profile.
+  standard  Adam 1e-3, batch 128, 1,000 steps (lr /10 at 2/3 and 5/6), models of ~130k parameters
+            (the plain reference's CNN: 9x9x32 - 7x7x64): the budget at which every ST model has left
+            its identity on 2 CPU cores (docs/experiments.md).
+  paper     the paper's schedule and sizes: SGD 0.01, batch 256, 150,000 steps, lr /10 every 50,000,
+            every model ~400k parameters.
+
+OUT/results.jsonl gets one line per finished run (a rerun skips the runs it holds with the same
+settings, and an interrupted run resumes from its own last checkpoint), OUT/table.md the test error
+in % (mean ± std over seeds) in Table 1's layout with what each transformer learnt, OUT/results.json
+the same numbers for programs, and OUT/distorted_<D>.png the paper's Table 1 (right): test digits
+the CNN gets wrong and the ST-CNN right, with the sampling grid on the input and the transformer's
+output.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import statistics
@@ -21,42 +35,34 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from data_prep.digits import DISTORTIONS, OUTPUT_SIZE, DigitsOptions, prepare
-from data_prep.jobs import JobOptions
-from pipeline.config import OptimConfig, ScheduleConfig
-from pipeline.models import create_model
-from pipeline.train.optim import build_optimizer, lr_multiplier
+from data_prep.distortions import DISTORTIONS, OUTPUT_SIZE
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "digits"
 
 
 class ExperimentError(RuntimeError):
     """An experiment that cannot go on (bad option, inconsistent data); the message names it."""
 
 
-class Diverged(ExperimentError):
-    """A training run whose loss became NaN or infinite: recorded in the table, the others go on."""
-
-
-# Table 1's rows: key -> (row label, transform label, model name, transform)
+# Table 1's rows: key -> (row label, transform label, config under configs/digits, transform)
 ROWS: Dict[str, Tuple[str, str, str, Optional[str]]] = {
-    "fcn": ("FCN", "", "digits_fcn", None),
-    "cnn": ("CNN", "", "digits_cnn", None),
-    "st-fcn-aff": ("ST-FCN", "Aff", "digits_st_fcn", "affine"),
-    "st-fcn-proj": ("ST-FCN", "Proj", "digits_st_fcn", "projective"),
-    "st-fcn-tps": ("ST-FCN", "TPS", "digits_st_fcn", "tps"),
-    "st-cnn-aff": ("ST-CNN", "Aff", "digits_st_cnn", "affine"),
-    "st-cnn-proj": ("ST-CNN", "Proj", "digits_st_cnn", "projective"),
-    "st-cnn-tps": ("ST-CNN", "TPS", "digits_st_cnn", "tps"),
+    "fcn": ("FCN", "", "fcn", None),
+    "cnn": ("CNN", "", "cnn", None),
+    "st-fcn-aff": ("ST-FCN", "Aff", "st_fcn", "affine"),
+    "st-fcn-proj": ("ST-FCN", "Proj", "st_fcn", "projective"),
+    "st-fcn-tps": ("ST-FCN", "TPS", "st_fcn", "tps"),
+    "st-cnn-aff": ("ST-CNN", "Aff", "st_cnn", "affine"),
+    "st-cnn-proj": ("ST-CNN", "Proj", "st_cnn", "projective"),
+    "st-cnn-tps": ("ST-CNN", "TPS", "st_cnn", "tps"),
 }
 MODEL_KEYS = tuple(ROWS)  # Table 1's rows
 # Variants for finding out why a result differs from the paper's; rows below Table 1's when asked.
 VARIANTS: Dict[str, Tuple[str, str, str, Optional[str]]] = {
-    "st-cnn-aff-nopool": ("ST-CNN, no pooling after ST", "Aff", "digits_st_cnn", "affine"),
-    "st-fcn-aff-nopool": ("ST-FCN, no pooling after ST", "Aff", "digits_st_fcn", "affine"),
+    "st-cnn-aff-nopool": ("ST-CNN, no pooling after ST", "Aff", "st_cnn", "affine"),
+    "st-fcn-aff-nopool": ("ST-FCN, no pooling after ST", "Aff", "st_fcn", "affine"),
 }
 ROWS.update(VARIANTS)
 POOLED = ("RTS", "TC")  # paper A.3: average pooling after the transformer on these
@@ -68,54 +74,71 @@ STATS_IMAGES = 500  # test images for the transformer statistics
 
 @dataclass
 class DistortedProfile:
-    """Everything a run of the experiment depends on; `paper()` and `quick()` are the presets."""
+    """Everything a table depends on; `PROFILES` holds the presets, options override them."""
     idx_root: str
-    out: str = "runs/distorted"
-    name: str = "paper"
+    out: str = "runs/digits"
+    name: str = "standard"
     distortions: Tuple[str, ...] = DISTORTIONS
     models: Tuple[str, ...] = MODEL_KEYS
-    seeds: int = 3
-    steps: int = 150_000                  # paper: 150k iterations, lr /10 every 50k
-    batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
+    seeds: int = 1
+    steps: int = 1000
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 0.001
+    milestones: Tuple[float, ...] = (2 / 3, 5 / 6)  # fractions of the run where lr is divided by 10
     loc_lr_scale: float = 1.0
-    train_limit: Optional[int] = None     # first N training images; None: all
+    target_params: int = 400_000          # every model's size (paper A.3: about the same for all)
+    train_count: Optional[int] = None     # split one IDX pair: its first N digits train, the rest test
+    train_limit: Optional[int] = None     # first N training digits; None: all
     test_limit: Optional[int] = None
-    data_seed: int = 0                    # one distorted dataset for all training seeds, as in the paper
+    data_seed: int = 0                    # the test split's fixed distortions (seed + 1), as data_prep writes them
     threads: Optional[int] = None         # None: all cores
     num_examples: int = 6
-    eval_batch_size: int = 1000
     extra: Dict[str, object] = field(default_factory=dict)  # recorded in the results, e.g. the command
 
     def run_settings(self) -> Dict[str, object]:
         """The settings that make two runs of one (model, distortion, seed) the same run."""
-        keys = ("steps", "batch_size", "lr", "momentum", "loc_lr_scale", "train_limit", "test_limit", "data_seed")
-        return {k: getattr(self, k) for k in keys} | {"idx_root": str(Path(self.idx_root).resolve())}
+        keys = ("steps", "batch_size", "optimizer", "lr", "milestones", "loc_lr_scale", "target_params", "train_count",
+                "train_limit", "test_limit", "data_seed")
+        settings = {k: getattr(self, k) for k in keys} | {"idx_root": str(Path(self.idx_root).resolve())}
+        return json.loads(json.dumps(settings))  # as results.jsonl holds them (tuples as lists)
+
+    def overrides(self) -> List[str]:
+        """Config overrides of the profile's recipe (on top of configs/digits/*.yaml)."""
+        milestones = [max(1, round(self.steps * m)) for m in self.milestones]
+        sgd = ["optim.momentum=0.9"] if self.optimizer == "sgd" else []
+        return [f"optim.name={self.optimizer}", f"optim.lr={self.lr}", "optim.weight_decay=0.0", *sgd,
+                f"schedule.milestones={milestones}", f"train.global_batch_size={self.batch_size}",
+                f"train.max_steps={self.steps}", f"train.eval_every={self.steps}",
+                f"train.checkpoint_every={max(1, self.steps // 4)}", f"train.log_every={max(1, self.steps // 5)}",
+                "train.keep_checkpoints=1", "train.device=cpu", f"model.extra.target_params={self.target_params}"]
 
 
-def paper(idx_root: str, **overrides) -> DistortedProfile:
-    return replace(DistortedProfile(idx_root=idx_root), **overrides)
+PROFILES = {
+    "quick": dict(name="quick", steps=40, batch_size=64, seeds=1, train_limit=512, test_limit=256),
+    "standard": dict(name="standard", target_params=130_000),
+    "paper": dict(name="paper", steps=150_000, batch_size=256, optimizer="sgd", lr=0.01, seeds=3,
+                  milestones=(1 / 3, 2 / 3)),
+}
 
 
-def quick(idx_root: str, **overrides) -> DistortedProfile:
-    """~15-20 min on 2 idle cores: 10k training images (2.5 epochs), 2k test images, one seed."""
-    base = DistortedProfile(idx_root=idx_root, name="quick", seeds=1, steps=100, train_limit=10_000,
-                            test_limit=2_000, out="runs/distorted_quick")
-    return replace(base, **overrides)
+def make_profile(preset: str, idx_root: str, **overrides) -> DistortedProfile:
+    if preset not in PROFILES:
+        raise ExperimentError(f"--profile {preset!r}: expected one of {', '.join(PROFILES)}")
+    return replace(DistortedProfile(idx_root=idx_root, **PROFILES[preset]), **overrides)
 
 
 def profile_from_args(args) -> DistortedProfile:
     """The profile of the CLI's parsed arguments (explicit options override the preset's)."""
-    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "batch_size", "train_limit", "test_limit",
-                                               "loc_lr_scale", "lr", "threads", "num_examples")
+    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "batch_size", "train_count", "train_limit",
+                                               "test_limit", "loc_lr_scale", "lr", "threads", "num_examples", "out")
                  if getattr(args, k) is not None}
     chosen = _choices(args.distortions, DISTORTIONS, "--distortions")
     overrides["distortions"] = tuple(d for d in DISTORTIONS if d in chosen)  # the paper's column order
     overrides["models"] = _choices(args.models, tuple(ROWS), "--models")
-    preset = quick if args.quick else paper
-    profile = preset(args.idx_root, **overrides)
-    return replace(profile, out=args.out) if args.out is not None else profile
+    if "out" not in overrides:
+        overrides["out"] = f"runs/digits_{args.profile}"
+    return make_profile(args.profile, args.idx_root, **overrides)
 
 
 def _choices(text: str, valid: Sequence[str], option: str) -> Tuple[str, ...]:
@@ -129,102 +152,75 @@ def _choices(text: str, valid: Sequence[str], option: str) -> Tuple[str, ...]:
 # ---- data --------------------------------------------------------------------------------------
 
 def dataset_dir(profile: DistortedProfile, distortion: str) -> Path:
+    split = f"count{profile.train_count}-" if profile.train_count else ""
     limits = f"train{profile.train_limit or 'all'}-test{profile.test_limit or 'all'}"
-    return Path(profile.out) / "data" / f"{distortion}-{limits}-seed{profile.data_seed}"
+    return Path(profile.out) / "data" / f"{distortion}-{split}{limits}-seed{profile.data_seed}"
 
 
 def prepare_data(profile: DistortedProfile, distortion: str) -> Path:
-    """Shards of one distortion, written by data_prep digits. A folder holding the same ones keeps
-    them (data_prep finds every shard complete); one holding other data or options is replaced."""
-    opts = DigitsOptions(idx_root=profile.idx_root, out=str(dataset_dir(profile, distortion)),
-                         distortion=distortion, seed=profile.data_seed, limit=profile.train_limit,
-                         test_limit=profile.test_limit)
+    """Shards of one distortion, written by data_prep digits --fresh-train. A folder holding the same
+    ones keeps them (data_prep finds every shard complete); one holding other data is replaced."""
+    from data_prep.digits import DigitsOptions, prepare
+    from data_prep.jobs import JobOptions
+
+    opts = DigitsOptions(idx_root=profile.idx_root, out=str(dataset_dir(profile, distortion)), distortion=distortion,
+                         seed=profile.data_seed, limit=profile.train_limit, test_limit=profile.test_limit,
+                         train_count=profile.train_count, fresh_train=True, shard_size=2000)
     prepare(opts, JobOptions(overwrite=True))
     return Path(opts.out)
 
 
-def load_split(root: Path, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All samples of a split: (uint8 images (N, 1, S, S), int64 labels (N,)), counted against the manifest."""
-    import webdataset as wds
-    from PIL import Image
+# ---- one run: an ordinary Trainer run ------------------------------------------------------------
 
-    from pipeline.data.manifest import read_manifest
+def run_config(profile: DistortedProfile, key: str, distortion: str, seed: int, data_root: Path):
+    """The Config of one (model, distortion, seed) run: configs/digits/<model>.yaml + profile + run."""
+    from pipeline.config import load_config
 
-    manifest = read_manifest(root)
-    images, labels = [], []
-    for sample in wds.WebDataset(manifest.shard_paths(split), shardshuffle=False, empty_check=False):
-        images.append(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L")))
-        labels.append(int(sample["cls"]))
-    expected = manifest.num_samples(split)
-    if len(images) != expected:
-        raise ExperimentError(f"{root / 'manifest.json'}: split '{split}' lists {expected} samples, "
-                              f"its shards hold {len(images)}")
-    return torch.from_numpy(np.stack(images))[:, None], torch.tensor(labels, dtype=torch.int64)
-
-
-# ---- one run -----------------------------------------------------------------------------------
-
-def build(model_key: str, distortion: str) -> nn.Module:
-    _, _, name, transform = ROWS[model_key]
-    kwargs = {"input_size": OUTPUT_SIZE[distortion], "num_classes": 10}
+    _, _, config_name, transform = ROWS[key]
+    settings_id = hashlib.sha256(json.dumps(profile.run_settings(), sort_keys=True).encode()).hexdigest()[:8]
+    run_dir = Path(profile.out) / "runs" / distortion / f"{key}-seed{seed}-{settings_id}"
+    overrides = profile.overrides() + [
+        f"data.root={data_root}", f"data.distortion={distortion}", f"model.input_size={OUTPUT_SIZE[distortion]}",
+        f"train.seed={seed}", f"run.dir={run_dir}", "train.resume=auto"]
     if transform is not None:
-        kwargs.update(transform=transform, pool_after_st=distortion in POOLED and model_key not in VARIANTS)
-    return create_model(name, **kwargs)
+        pooled = distortion in POOLED and key not in VARIANTS
+        overrides += [f"model.transform={transform}", f"model.extra.pool_after_st={str(pooled).lower()}"]
+        if profile.loc_lr_scale != 1.0:
+            overrides.append(f"optim.lr_scale.localisation={profile.loc_lr_scale}")
+    return load_config(CONFIGS / f"{config_name}.yaml", overrides)
 
 
-def as_input(images: torch.Tensor) -> torch.Tensor:
-    # [0, 1] with no normalisation: the transformer's zero padding stays the black background.
-    return images.float().div_(255.0)
+def train_one(profile: DistortedProfile, key: str, distortion: str, seed: int, data_root: Path) -> Dict:
+    """Train (or finish) one run through the Trainer; returns its results.jsonl record."""
+    from pipeline.train import NonFiniteLoss, run
+
+    cfg = run_config(profile, key, distortion, seed, data_root)
+    torch.set_num_threads(threads_for(profile, key))
+    start = time.time()
+    record = {"model": key, "distortion": distortion, "seed": seed, "run_dir": cfg.run.dir}
+    try:
+        summary = run(cfg)
+    except NonFiniteLoss as err:
+        print(f"warning: {key} on {distortion}, seed {seed}: {err}", flush=True)
+        return record | {"test_error": None, "diverged": str(err), "wall_s": time.time() - start}
+    top1 = summary["metrics"]["top1"]
+    model, _, _ = load_run(cfg.run.dir)
+    return record | {"test_error": 100.0 * (1.0 - top1), "num_test": summary["metrics"]["num_samples"],
+                     "num_params": sum(p.numel() for p in model.parameters()), "wall_s": time.time() - start}
 
 
-def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, profile: DistortedProfile,
-          seed: int, what: str) -> float:
-    """Train in place with the paper's step schedule; returns the mean loss of the last 10% of steps."""
-    has_loc = "localisation" in model.parameter_groups()
-    optim_cfg = OptimConfig(name="sgd", lr=profile.lr, momentum=profile.momentum, weight_decay=0.0,
-                            lr_scale={"localisation": profile.loc_lr_scale} if has_loc else {})
-    third = max(1, profile.steps // 3)
-    schedule = ScheduleConfig(name="step", milestones=[third, 2 * third], gamma=0.1)
-    optimizer = build_optimizer(model, optim_cfg, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(schedule, profile.steps))
-    generator = torch.Generator().manual_seed(seed)
-    batches = _epoch_batches(len(images), profile.batch_size, generator)
-    tail: List[float] = []
-    model.train()
-    for step in range(profile.steps):
-        index = next(batches)
-        loss = F.cross_entropy(model(as_input(images[index])), labels[index])
-        if not torch.isfinite(loss):
-            raise Diverged(f"{what}: loss is {loss.item()} at step {step}; try a smaller --lr or --loc-lr-scale")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step >= profile.steps * 0.9:
-            tail.append(loss.item())
-    return statistics.fmean(tail) if tail else float("nan")
+def load_run(run_dir: str | Path):
+    """(model in eval mode, config, checkpoint state) of a finished run's last checkpoint."""
+    from pipeline.evaluate import load_model
+
+    return load_model(Path(run_dir) / "checkpoints" / "last.pt")
 
 
-def _epoch_batches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless batches of indices: a fresh seeded permutation each epoch, batches never straddle two."""
-    if n < 1:
-        raise ExperimentError("the training split is empty")
-    full = max(1, n // batch_size)  # a split smaller than a batch is one batch
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, full * batch_size, batch_size):
-            yield order[start:start + batch_size]
-
-
-@torch.no_grad()
-def test_error(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Test error in % over every test image."""
-    model.eval()
-    wrong = 0
-    for start in range(0, len(images), batch_size):
-        logits = model(as_input(images[start:start + batch_size]))
-        wrong += int((logits.argmax(1) != labels[start:start + batch_size]).sum())
-    return 100.0 * wrong / max(1, len(images))
+def threads_for(profile: DistortedProfile, key: str) -> int:
+    """Intra-op threads for one run: all cores for the CNNs; one for the FCNs, whose ops are too small
+    to split (with two threads each op waits on the other thread, which costs 10-50x on a busy machine)."""
+    cores = profile.threads or os.cpu_count() or 1
+    return 1 if ROWS[key][2].endswith("fcn") else cores
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -236,23 +232,26 @@ def load_results(path: Path) -> List[Dict]:
 
 
 def append_result(path: Path, record: Dict) -> None:
+    # One short line per write, opened for appending: two runners sharing OUT (say one per
+    # distortion, one per core) interleave whole lines.
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def checkpoint_path(profile: DistortedProfile, distortion: str, model_key: str, seed: int) -> Path:
-    return Path(profile.out) / "models" / distortion / f"{model_key}-seed{seed}.pt"
+def errors_by_cell(records: Sequence[Dict]) -> Dict[Tuple[str, str], List[Optional[float]]]:
+    errors: Dict[Tuple[str, str], List[Optional[float]]] = {}
+    for r in records:
+        errors.setdefault((r["model"], r["distortion"]), []).append(r["test_error"])  # None: diverged
+    return errors
 
 
 def format_table(records: Sequence[Dict], distortions: Sequence[str] = DISTORTIONS,
                  models: Sequence[str] = MODEL_KEYS) -> str:
-    models = [m for m in ROWS if m in models]  # Table 1's order, variants last
     """Markdown in Table 1's layout: test error % as mean ± standard deviation over seeds."""
-    errors: Dict[Tuple[str, str], List[float]] = {}
-    for r in records:
-        errors.setdefault((r["model"], r["distortion"]), []).append(r["test_error"])  # None: diverged
+    models = [m for m in ROWS if m in models]  # Table 1's order, variants last
+    errors = errors_by_cell(records)
     lines = ["| Model | | " + " | ".join(distortions) + " |", "|---|---|" + "---|" * len(distortions)]
     previous = None
     for key in models:
@@ -273,11 +272,23 @@ def _cell(values: List[Optional[float]]) -> str:
     if diverged:
         return f"{_cell(values)} ({diverged} diverged)"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
-# ---- pictures ----------------------------------------------------------------------------------
+def results_json(records: Sequence[Dict], dataset: str, profile: str) -> Dict:
+    """{"dataset", "profile", "errors": {distortion: {model: {"mean", "std", "n"}}}} (test error, %)."""
+    errors: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for (model, distortion), values in sorted(errors_by_cell(records).items()):
+        done = [v for v in values if v is not None]
+        if done:
+            errors.setdefault(distortion, {})[model] = {
+                "mean": round(statistics.fmean(done), 3),
+                "std": round(statistics.stdev(done), 3) if len(done) > 1 else 0.0, "n": len(done)}
+    return {"dataset": dataset, "profile": profile, "errors": errors}
+
+
+# ---- what the transformers learnt ----------------------------------------------------------------
 
 def sampled_outline(theta: torch.Tensor, kind: str, size: int) -> torch.Tensor:
     """(B, P, 2) input pixel coordinates of the border of the region each transform samples."""
@@ -288,62 +299,9 @@ def sampled_outline(theta: torch.Tensor, kind: str, size: int) -> torch.Tensor:
     return (border + 1) / 2 * size                                             # pixel edges: 0..size
 
 
-def examples_picture(images: torch.Tensor, panels: Dict[str, Dict[str, torch.Tensor]], kind_of: Dict[str, str],
-                     path: Path, zoom: int = 2) -> Path:
-    """One row per test image: for each model, the input with the sampled region outlined, then the
-    transformer's output (paper Table 1, right)."""
-    from PIL import Image, ImageDraw
-
-    size = images.shape[-1]
-    cell, gap, header = size * zoom, 4, 14
-    columns = [(name, part) for name in panels for part in ("in", "out")]
-    width = len(columns) * (cell + gap)
-    canvas = Image.new("RGB", (width, header + len(images) * (cell + gap)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for c, name in enumerate(panels):
-        draw.text((2 * c * (cell + gap) + 2, 1), name, fill=(0, 0, 0))
-    for c, (name, part) in enumerate(columns):
-        got = panels[name]
-        outline = sampled_outline(got["theta"][:, 0], kind_of[name], size) if part == "in" else None
-        for r in range(len(images)):
-            pixels = images[r, 0] if part == "in" else got["crops"][r, 0, 0].mul(255).clamp(0, 255)
-            tile = Image.fromarray(pixels.to(torch.uint8).numpy()).resize((cell, cell), Image.NEAREST).convert("RGB")
-            x0, y0 = c * (cell + gap), header + r * (cell + gap)
-            canvas.paste(tile, (x0, y0))
-            if outline is not None:
-                points = [(x0 + float(px) * zoom, y0 + float(py) * zoom) for px, py in outline[r]]
-                draw.line(points + points[:1], fill=(255, 40, 40), width=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, optimize=True)
-    return path
-
-
-def first_seed_model(profile: DistortedProfile, distortion: str, key: str) -> Optional[nn.Module]:
-    """The saved first-seed ST model of a run, or None when that run has not been done."""
-    ckpt = checkpoint_path(profile, distortion, key, 0)
-    if not ckpt.is_file():
-        return None
-    model = build(key, distortion)
-    model.load_state_dict(torch.load(ckpt, weights_only=True))
-    return model.eval()
-
-
-def picture_for(profile: DistortedProfile, distortion: str, test_images: torch.Tensor) -> Optional[Path]:
-    """The examples picture from the first seed's ST-CNN models (ST-FCN when no ST-CNN ran)."""
-    keys = ([k for k in profile.models if k.startswith("st-cnn") and k not in VARIANTS]
-            or [k for k in profile.models if k.startswith("st-")])
-    images = test_images[:profile.num_examples]
-    panels, kinds = {}, {}
-    for key in keys:
-        model = first_seed_model(profile, distortion, key)
-        if model is None:
-            continue
-        label = f"{ROWS[key][0].split(',')[0]} {ROWS[key][1]}"
-        panels[label] = model.attend(as_input(images))
-        kinds[label] = ROWS[key][3]
-    if not panels:
-        return None
-    return examples_picture(images, panels, kinds, Path(profile.out) / f"distorted_{distortion}.png")
+def as_input(images: torch.Tensor) -> torch.Tensor:
+    # configs/digits: mean 0, std 1, i.e. [0, 1] pixels; the transformer's zero padding stays black.
+    return images.float().div(255.0)
 
 
 @torch.no_grad()
@@ -374,105 +332,171 @@ def transform_table(stats: Dict[str, Dict[str, Dict[str, float]]], distortions: 
     return "\n".join(lines)
 
 
+def test_split(data_root: Path, limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` test digits: (uint8 (N, 1, S, S), labels (N,)), read by the evaluation loader."""
+    from pipeline.config import Config, DataConfig, ModelConfig
+    from pipeline.data import build_eval_loader, read_manifest
+
+    manifest = read_manifest(data_root)
+    size = int(manifest.raw.get("image_size", 28))
+    cfg = Config(model=ModelConfig(input_size=size), data=DataConfig(root=str(data_root), augment="none", channels=1,
+                                                                     mean=[0.0], std=[1.0]))
+    images, labels = [], []
+    for batch, targets, _ in build_eval_loader(cfg, manifest, "test", 0, 1, batch_size=500, num_workers=0):
+        images.append(batch)
+        labels.append(targets)
+        if limit is not None and sum(len(b) for b in images) >= limit:
+            break
+    return torch.cat(images)[:limit], torch.cat(labels)[:limit]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model(as_input(images[i:i + 500])).argmax(1) for i in range(0, len(images), 500)])
+
+
+def grid_lines(theta: torch.Tensor, kind: str, size: int, lines: int = 7) -> List[torch.Tensor]:
+    """Polylines (P, 2) in input pixels: `lines` rows and columns of the sampling grid of one theta (1, ...)."""
+    from pipeline.models.spatial_transformer import sampling_grid
+
+    grid = (sampling_grid(theta, kind, (size, size))[0] + 1) / 2 * size       # (S, S, 2)
+    picks = torch.linspace(0, size - 1, lines).round().long()
+    return [grid[i] for i in picks] + [grid[:, j] for j in picks]
+
+
+def examples_picture(images: torch.Tensor, labels: torch.Tensor, cnn_pred: torch.Tensor,
+                     panels: Dict[str, Dict[str, torch.Tensor]], kind_of: Dict[str, str], path: Path,
+                     zoom: int = 3) -> Path:
+    """One row per test digit: for each ST model the input with its sampling grid drawn on it, then the
+    transformer's output (paper Table 1, right); a caption gives the label and both predictions."""
+    from PIL import Image, ImageDraw
+
+    size = images.shape[-1]
+    cell, gap, header, caption = size * zoom, 6, 14, 150
+    columns = [(name, part) for name in panels for part in ("in", "out")]
+    canvas = Image.new("RGB", (len(columns) * (cell + gap) + caption, header + len(images) * (cell + gap)),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(panels):
+        draw.text((2 * c * (cell + gap) + 2, 1), f"{name}: input + grid, output", fill=(0, 0, 0))
+    for c, (name, part) in enumerate(columns):
+        got = panels[name]
+        for r in range(len(images)):
+            pixels = images[r, 0] if part == "in" else got["crops"][r, 0, 0].mul(255).clamp(0, 255)
+            tile = Image.fromarray(pixels.to(torch.uint8).numpy()).resize((cell, cell), Image.NEAREST).convert("RGB")
+            x0, y0 = c * (cell + gap), header + r * (cell + gap)
+            canvas.paste(tile, (x0, y0))
+            if part == "in":
+                for line in grid_lines(got["theta"][r:r + 1, 0], kind_of[name], size):
+                    draw.line([(x0 + float(px) * zoom, y0 + float(py) * zoom) for px, py in line],
+                              fill=(255, 60, 60), width=1)
+            if c == len(columns) - 1:
+                says = "".join(f"\n{other} says {int(panels[other]['pred'][r])}" for other in panels)
+                cnn = f"\nCNN says {int(cnn_pred[r])}" if cnn_pred[r] >= 0 else ""
+                draw.text((x0 + cell + gap + 4, y0 + 2), f"label {int(labels[r])}{cnn}{says}", fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    canvas.save(tmp, optimize=True)
+    os.replace(tmp, path)
+    return path
+
+
+def picture_for(profile: DistortedProfile, distortion: str, runs: Dict[str, str], images: torch.Tensor,
+                labels: torch.Tensor) -> Optional[Path]:
+    """Table 1 (right) for one distortion from the first seed's runs: test digits the CNN gets wrong and
+    the ST-CNN Aff right (any digits when either is missing), for each ST-CNN (ST-FCN when none ran)."""
+    st_keys = ([k for k in ROWS if k in runs and k.startswith("st-cnn") and k not in VARIANTS]
+               or [k for k in ROWS if k in runs and k.startswith("st-")])
+    if not st_keys:
+        return None
+    models = {key: load_run(runs[key])[0] for key in st_keys + (["cnn"] if "cnn" in runs else [])}
+    cnn_pred = predict(models["cnn"], images) if "cnn" in models else torch.full_like(labels, -1)
+    st_pred = predict(models[st_keys[0]], images)
+    chosen = ((cnn_pred != labels) & (st_pred == labels)).nonzero()[:, 0]
+    if len(chosen) < profile.num_examples:  # too few such digits (or no CNN): fill with the first ones
+        chosen = torch.cat([chosen, torch.arange(len(images))])[:profile.num_examples]
+    chosen = chosen[:profile.num_examples]
+    panels, kinds = {}, {}
+    for key in st_keys:
+        label = f"{ROWS[key][0].split(',')[0]} {ROWS[key][1]}"
+        with torch.no_grad():
+            panels[label] = models[key].attend(as_input(images[chosen])) | {"pred": predict(models[key], images[chosen])}
+        kinds[label] = ROWS[key][3]
+    return examples_picture(images[chosen], labels[chosen], cnn_pred[chosen], panels, kinds,
+                            Path(profile.out) / f"distorted_{distortion}.png")
+
+
 # ---- the experiment ----------------------------------------------------------------------------
 
 def run(profile: DistortedProfile, train_missing: bool = True) -> Dict:
-    """Train every (model, distortion, seed) not done yet; write the table and the pictures.
+    """Train every (model, distortion, seed) not done yet; write the table, results.json and pictures.
 
     train_missing=False only reports what OUT/results.jsonl holds (e.g. while a long run goes on).
     """
     started = time.time()
-    torch.set_num_threads(profile.threads or os.cpu_count() or 1)
     out = Path(profile.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     settings = profile.run_settings()
-    done = {(r["model"], r["distortion"], r["seed"]): r for r in load_results(results_path)
-            if r.get("settings") == settings}
     pictures: List[str] = []
     stats: Dict[str, Dict[str, Dict[str, float]]] = {}
     for distortion in sorted(profile.distortions, key=TRAIN_ORDER.index):
-        root = dataset_dir(profile, distortion) if not train_missing else prepare_data(profile, distortion)
+        root = prepare_data(profile, distortion) if train_missing else dataset_dir(profile, distortion)
         if not (root / "manifest.json").is_file():
             continue
-        test_x, test_y = load_split(root, "test")
-        train_x, train_y = load_split(root, "train") if train_missing else (None, None)
         for key in profile.models:
             for seed in range(profile.seeds):
-                if not train_missing or ((key, distortion, seed) in done
-                                         and _has_checkpoint_if_needed(profile, distortion, key, seed)):
+                # reread each time: another runner sharing OUT may have finished this run meanwhile
+                done = {(r["model"], r["distortion"], r["seed"]) for r in load_results(results_path)
+                        if r.get("settings") == settings}
+                if not train_missing or (key, distortion, seed) in done:
                     continue
-                record = _one_run(profile, key, distortion, seed, (train_x, train_y, test_x, test_y))
-                record["settings"] = settings
+                record = train_one(profile, key, distortion, seed, root) | {"settings": settings}
                 append_result(results_path, record)
-                done[(key, distortion, seed)] = record
                 error = "diverged" if record["test_error"] is None else f"{record['test_error']:.2f}%"
                 print(f"{distortion:>3} {key:<12} seed {seed}: test error {error} ({record['wall_s']:.0f} s)", flush=True)
-        picture = picture_for(profile, distortion, test_x)
+        runs = {r["model"]: r["run_dir"] for r in load_results(results_path)
+                if r.get("settings") == settings and r["distortion"] == distortion and r["seed"] == 0
+                and r["test_error"] is not None and r["model"] in profile.models}
+        if not runs:
+            continue
+        images, labels = test_split(root, max(STATS_IMAGES, 2000))
+        picture = picture_for(profile, distortion, runs, images, labels)
         if picture is not None:
             pictures.append(str(picture))
-        for key in (k for k in profile.models if ROWS[k][3] is not None):
-            model = first_seed_model(profile, distortion, key)
-            if model is not None:
-                stats.setdefault(distortion, {})[key] = transform_stats(model, test_x[:STATS_IMAGES], ROWS[key][3])
-    records = [r for r in done.values() if r["model"] in profile.models and r["distortion"] in profile.distortions
-               and r["seed"] < profile.seeds]
+        for key in (k for k in runs if ROWS[k][3] is not None):
+            stats.setdefault(distortion, {})[key] = transform_stats(load_run(runs[key])[0], images[:STATS_IMAGES],
+                                                                     ROWS[key][3])
+    records = [r for r in load_results(results_path) if r.get("settings") == settings
+               and r["model"] in profile.models and r["distortion"] in profile.distortions and r["seed"] < profile.seeds]
+    return write_report(profile, records, stats, pictures, time.time() - started)
+
+
+def write_report(profile: DistortedProfile, records: List[Dict], stats: Dict, pictures: List[str], wall: float) -> Dict:
+    out = Path(profile.out)
     table = format_table(records, profile.distortions, profile.models)
-    wall = time.time() - started
-    header = (f"Test error (%) on {_dataset_name(profile)}, profile '{profile.name}': {profile.steps} steps of "
-              f"{profile.batch_size}, {profile.seeds} seed(s), train images {profile.train_limit or 'all'}, "
-              f"test images {profile.test_limit or 'all'}, localisation lr x{profile.loc_lr_scale}; "
+    dataset = dataset_name(profile)
+    header = (f"Test error (%) on {dataset}, profile '{profile.name}': {profile.steps} steps of {profile.batch_size} "
+              f"({profile.optimizer}, lr {profile.lr}), a fresh distortion of every training digit in every batch, "
+              f"{profile.seeds} seed(s), training digits {profile.train_count or 'all'} "
+              f"(first {profile.train_limit or 'all'}), test digits {profile.test_limit or 'all'}; "
               f"mean ± std over seeds; {len(records)} runs, their training and testing took "
               f"{sum(r['wall_s'] for r in records) / 60:.1f} min in all.\n\n")
-    table_path = out / "table.md"
     diagnostics = ""
     if stats:
         diagnostics = ("\n\nWhat the transformers learned (first seed, first "
                        f"{STATS_IMAGES} test images): mean displacement of the sampling grid from the identity / "
                        "area of the sampled region (1 = whole image, < 1 zooms in).\n\n"
                        + transform_table(stats, profile.distortions, profile.models))
+    table_path = out / "table.md"
     table_path.write_text(header + table + diagnostics + "\n")
-    (out / "summary.json").write_text(json.dumps({"profile": asdict(profile), "wall_s": wall, "runs": records,
-                                                  "transform_stats": stats},
+    summary = results_json(records, dataset.lower(), profile.name)
+    (out / "results.json").write_text(json.dumps(summary | {"transform_stats": stats}, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps({"profile": asdict(profile), "wall_s": wall, "runs": records},
                                                  indent=1, default=str))
     return {"table": table, "table_path": str(table_path), "pictures": pictures, "wall_s": wall, "runs": records}
 
 
-def _has_checkpoint_if_needed(profile: DistortedProfile, distortion: str, key: str, seed: int) -> bool:
-    return seed != 0 or not key.startswith("st-") or checkpoint_path(profile, distortion, key, seed).is_file()
-
-
-def _one_run(profile: DistortedProfile, key: str, distortion: str, seed: int, data) -> Dict:
-    train_x, train_y, test_x, test_y = data
-    what = f"{key} on {distortion}, seed {seed}"
-    torch.set_num_threads(threads_for(profile, key))
-    start = time.time()
-    torch.manual_seed(seed)
-    model = build(key, distortion)
-    record = {"model": key, "distortion": distortion, "seed": seed,
-              "num_params": sum(p.numel() for p in model.parameters()),
-              "num_test": len(test_x), "num_train": len(train_x)}
-    try:
-        final_loss = train(model, train_x, train_y, profile, seed, what)
-    except Diverged as err:
-        print(f"warning: {err}", flush=True)
-        return record | {"test_error": None, "diverged": str(err), "wall_s": time.time() - start}
-    error = test_error(model, test_x, test_y, profile.eval_batch_size)
-    if seed == 0 and key.startswith("st-"):  # kept for the examples picture
-        ckpt = checkpoint_path(profile, distortion, key, seed)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(ckpt.name + ".partial")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, ckpt)
-    return record | {"test_error": error, "final_train_loss": final_loss, "wall_s": time.time() - start}
-
-
-def threads_for(profile: DistortedProfile, key: str) -> int:
-    """Intra-op threads for one run: all cores for the CNNs; one for the FCNs, whose ops are too small
-    to split (with two threads each op waits on the other thread, which costs 10-50x on a busy machine)."""
-    cores = profile.threads or os.cpu_count() or 1
-    return 1 if ROWS[key][2].endswith("fcn") else cores
-
-
-def _dataset_name(profile: DistortedProfile) -> str:
-    return "Fashion-MNIST" if "fashion" in str(Path(profile.idx_root).resolve()).lower() else "MNIST-format digits"
+def dataset_name(profile: DistortedProfile) -> str:
+    path = str(Path(profile.idx_root).resolve()).lower()
+    return "fashion" if "fashion" in path else "mnist" if "mnist" in path else "digits"

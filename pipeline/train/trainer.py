@@ -343,7 +343,7 @@ class Trainer:
                 metrics = evaluate(self.model, self.cfg, self.manifest, self.cfg.data.eval_split,
                                    self.env.device, self.env.rank, self.env.world_size,
                                    self.cfg.train.eval_max_samples)
-            if self.env.is_main and hasattr(self.model, "attend") and self.cfg.train.num_viz > 0:
+            if self.env.is_main and getattr(self.model, "num_streams", 0) and self.cfg.train.num_viz > 0:
                 self.draw_attention()
         finally:
             self.model.train()
