@@ -14,8 +14,8 @@ Samples carry `png` (grayscale uint8), `cls` and `json` with the drawn parameter
 
 --train-count N splits one IDX pair (`--source`, default: the only pair in --idx-root): the first N
 digits are the training source, the others the test source; the two never share a digit, and the
-split depends on N and the file only. --fresh-train stores the training digits as they are (28x28,
-json "params": null): a training run then sees a new distortion of every digit each time it draws
+split depends on N and the file only. --fresh-train stores the training digits as they are (28x28
+`png` and `cls`; the key train_<i> is digit first + i of the pair, manifest "sources"): a training run then sees a new distortion of every digit each time it draws
 it (`data.distortion`), as the paper's and our reference's training did, instead of one fixed
 distortion per digit that a 400k-parameter network memorises in a few epochs of 8,000 digits.
 """
@@ -209,10 +209,12 @@ def _samples(distortion: Optional[str], split: str, seed: int, images: np.ndarra
     for offset, (canvas, p) in enumerate(zip(canvases, params)):
         index = start + offset
         label = int(labels[index])
-        yield {"__key__": f"{split}_{index:06d}", "png": encode_png(canvas), "cls": label,
-               "json": {"index": index, "source_index": first_source_index + index, "split": split, "label": label,
-                        "distortion": distortion, "seed": seed if distortion else None,
-                        "size": list(canvas.shape), "params": p}}
+        sample = {"__key__": f"{split}_{index:06d}", "png": encode_png(canvas), "cls": label}
+        if distortion is not None:  # an undistorted digit needs no record: the key and manifest "sources" locate it
+            sample["json"] = {"index": index, "source_index": first_source_index + index, "split": split,
+                              "label": label, "distortion": distortion, "seed": seed, "size": list(canvas.shape),
+                              "params": p}
+        yield sample
 
 
 def prepare(opts: DigitsOptions, job: JobOptions = JobOptions()) -> Optional[Dict]:

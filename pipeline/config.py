@@ -50,6 +50,8 @@ class DataConfig:
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     on_corrupt: str = "skip"               # skip (count and go on) | error
     channels: int = 3                      # 3: RGB; 1: grayscale (the digits models)
+    in_memory: bool = False                # decode the training split once and hold it (small data sets
+                                           # without random per-sample augmentation: digits)
     distortion: Optional[str] = None       # R | RTS | P | E | TC: distort each training batch afresh (digits
                                            # shards written with data_prep digits --fresh-train); null: none
 
@@ -254,6 +256,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     if cfg.data.channels not in (1, 3) or len(cfg.data.mean) != cfg.data.channels:
         raise ConfigError(f"data.channels={cfg.data.channels} must be 1 or 3, with as many data.mean and data.std "
                           f"values (got {len(cfg.data.mean)})")
+    if cfg.data.in_memory and cfg.data.augment in ("cub", "svhn"):
+        raise ConfigError(f"data.in_memory=true holds decoded samples, which data.augment={cfg.data.augment} would "
+                          "crop and flip afresh each epoch; use it with data.augment=none or digits")
     if cfg.data.distortion is not None and cfg.data.distortion not in DIGIT_DISTORTIONS:
         raise ConfigError(f"data.distortion={cfg.data.distortion!r} is not one of null, {', '.join(DIGIT_DISTORTIONS)}")
     if world_size is not None:

@@ -339,3 +339,34 @@ def test_truncated_jpeg_is_a_corrupt_sample():
     data = _encode(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
     with pytest.raises(CorruptSample, match="(?i)truncated"):
         decode_rgb(data[: len(data) // 2])
+
+
+def test_in_memory_training_split_serves_each_sample_once_per_epoch(tmp_path):
+    from data_prep.digits import DigitsOptions, load_split, prepare, write_synthetic_idx
+    from pipeline.config import ConfigError, load_config
+
+    idx = write_synthetic_idx(tmp_path / "idx", num_train=20, num_test=4)
+    prepare(DigitsOptions(idx_root=str(idx), out=str(tmp_path / "r"), distortion="R", fresh_train=True, shard_size=6))
+    cfg = load_config("configs/digits/cnn.yaml", [f"data.root={tmp_path / 'r'}", "data.distortion=R",
+                                                   "model.input_size=28"])
+    assert cfg.data.in_memory
+    manifest = read_manifest(cfg.data.root)
+    stream = iter(build_train_loader(cfg, manifest, rank=0, world_size=1, micro_batch=5, seed=3))
+    batches = [next(stream) for _ in range(8)]  # two epochs of 4 batches
+    assert all(images.shape == (5, 1, 28, 28) and images.dtype == torch.uint8 for images, _ in batches)
+    digits, labels = load_split(idx, "train")
+    for epoch in (batches[:4], batches[4:]):
+        images = torch.cat([b[0] for b in epoch])[:, 0]
+        # every stored digit exactly once per epoch, with its own label
+        found = sorted(int(np.flatnonzero((digits == image.numpy()).all(axis=(1, 2)))[0]) for image in images)
+        assert found == list(range(20))
+        targets = torch.cat([b[1] for b in epoch])
+        order = [int(np.flatnonzero((digits == image.numpy()).all(axis=(1, 2)))[0]) for image in images]
+        assert targets.tolist() == labels[order].tolist()
+    assert not torch.equal(batches[0][0], batches[4][0])  # a new permutation each epoch
+    again = iter(build_train_loader(cfg, manifest, rank=0, world_size=1, micro_batch=5, seed=3))
+    assert torch.equal(next(again)[0], batches[0][0])  # seeded: a resumed segment draws the same batches
+    other_rank = iter(build_train_loader(cfg, manifest, rank=1, world_size=2, micro_batch=5, seed=3))
+    assert not torch.equal(next(other_rank)[0], batches[0][0])
+    with pytest.raises(ConfigError, match="data.in_memory=true .* data.augment=cub"):
+        load_config(None, ["data.in_memory=true", "data.augment=cub"])

@@ -300,18 +300,19 @@ def test_train_count_splits_one_pair_disjointly_and_deterministically(tmp_path):
     samples = {}
     for tar in sorted((tmp_path / "a").glob("*.tar")):
         samples.update({key: value | {"split": tar.name.split("-")[0]} for key, value in read_tar(tar).items()})
-    sources = {split: sorted(json.loads(s["json"])["source_index"] for s in samples.values() if s["split"] == split)
-               for split in ("train", "test")}
+    first = {split: m["first"] for split, m in manifests[0]["sources"].items()}
+    source = {key: first[s["split"]] + int(key.split("_")[1]) for key, s in samples.items()}
+    sources = {split: sorted(i for key, i in source.items() if samples[key]["split"] == split) for split in first}
     assert sources == {"train": list(range(30)), "test": list(range(30, 40))}  # disjoint, all digits used
     images, labels = load_split(root, "test")
-    for sample in samples.values():
-        meta = json.loads(sample["json"])
-        assert meta["label"] == labels[meta["source_index"]]
+    for key, sample in samples.items():
+        assert int(sample["cls"]) == labels[source[key]]
         pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
         if sample["split"] == "train":  # stored as they are: the trainer distorts them afresh
-            assert meta["params"] is None and np.array_equal(pixels, images[meta["source_index"]])
+            assert "json" not in sample and np.array_equal(pixels, images[source[key]])
         else:
-            assert pixels.shape == (42, 42) and meta["params"]["scale"] >= 0.7
+            meta = json.loads(sample["json"])
+            assert meta["source_index"] == source[key] and pixels.shape == (42, 42) and meta["params"]["scale"] >= 0.7
     assert manifests[0]["train_distortion"] == "fresh" and manifests[0]["sources"]["test"]["first"] == 30
 
 

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.metrics import PAD_DIGIT  # the "no digit" class that pads a sequence to max_length
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+JPEG_MAGIC = b"\xff\xd8"
 
 # EXIF orientation is ignored: CUB's boxes and parts are in the stored pixel grid, as PIL reads it.
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -50,13 +51,17 @@ def decode_rgb(data: bytes, min_side: Optional[int] = None, channels: int = 3) -
     always the original one (boxes and parts refer to it).
     """
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
-        size = img.size
-        factor = _reduce_factor(*size, min_side) if img.format == "JPEG" else 1
+        img, size, factor = None, None, 1
+        if data[:2] == JPEG_MAGIC:  # only a JPEG can be decoded at reduced size: read its header for that
+            img = Image.open(io.BytesIO(data))
+            size = img.size
+            factor = _reduce_factor(*size, min_side)
         flags = (_CV2_GRAY_FLAGS if channels == 1 else _CV2_FLAGS)[factor] | cv2.IMREAD_IGNORE_ORIENTATION
         array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if array is None:  # a format or mode OpenCV lacks: let PIL try
-            return np.asarray(img.convert("L" if channels == 1 else "RGB")).reshape(size[1], size[0], channels), size
+            img = img or Image.open(io.BytesIO(data))
+            return np.asarray(img.convert("L" if channels == 1 else "RGB")).reshape(*img.size[::-1], channels), img.size
+        size = size or (array.shape[1], array.shape[0])
         if channels == 1:
             return array[:, :, None], size
         return cv2.cvtColor(array, cv2.COLOR_BGR2RGB), size
