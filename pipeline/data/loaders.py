@@ -232,18 +232,24 @@ class TrainLoader(_Loader):
         return TrainStream(self, self._batches())
 
 
-class TrainStream:
-    """The iterator of a TrainLoader; `num_skipped` reads its loader's count (for `stream = iter(loader)`)."""
+class _Stream:
+    """An endless training iterator; `num_skipped` reads its loader's count (for `stream = iter(loader)`)."""
 
-    def __init__(self, loader: TrainLoader, batches: Iterator[Tuple[torch.Tensor, torch.Tensor, List]]):
-        self.loader, self._batches = loader, batches
+    loader: Any
 
     @property
     def num_skipped(self) -> int:
         return self.loader.num_skipped
 
-    def __iter__(self) -> "TrainStream":
+    def __iter__(self) -> "_Stream":
         return self
+
+
+class TrainStream(_Stream):
+    """The iterator of a TrainLoader."""
+
+    def __init__(self, loader: TrainLoader, batches: Iterator[Tuple[torch.Tensor, torch.Tensor, List]]):
+        self.loader, self._batches = loader, batches
 
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         images, targets, _ = next(self._batches)  # training batches' metas are empty
@@ -281,18 +287,13 @@ class MemoryTrainLoader:
         return MemoryTrainStream(self)
 
 
-class MemoryTrainStream:
+class MemoryTrainStream(_Stream):
+    """The iterator of a MemoryTrainLoader."""
+
     def __init__(self, loader: MemoryTrainLoader):
         self.loader = loader
         self.generator = torch.Generator().manual_seed(loader.seed)
         self.order, self.position = torch.empty(0, dtype=torch.int64), 0
-
-    @property
-    def num_skipped(self) -> int:
-        return self.loader.num_skipped
-
-    def __iter__(self) -> "MemoryTrainStream":
-        return self
 
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         batch = self.loader.micro_batch
