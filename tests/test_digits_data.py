@@ -370,3 +370,15 @@ def test_fresh_and_stored_distortions_share_one_definition(idx_root):
     drawn = draw("RTS", 4000, torch.Generator().manual_seed(0))
     assert drawn["scale"].min() >= 0.7 and drawn["scale"].max() <= 1.2 and drawn["rotation_deg"].abs().max() <= 45
     assert torch.all(drawn["center_offset_px"].abs() <= (42 - 28 * drawn["scale"][:, None]) / 2 + 1e-9)
+
+
+def test_homography_maps_moved_corners_with_perspective():
+    """P's homography, checked by applying it (not by re-solving): each source corner lands on its target,
+    for quads whose fit needs non-zero perspective terms."""
+    from data_prep.distortions import CORNERS, homography
+
+    moved = CORNERS * 0.8 + torch.tensor([[0.1, -0.2], [0.25, 0.05], [-0.1, 0.3], [0.05, 0.0]], dtype=torch.float64)
+    H = homography(moved[None], CORNERS[None])[0]
+    assert H[2, :2].abs().min() > 1e-3  # a real perspective map, not an affine one
+    mapped = torch.cat([moved, torch.ones(4, 1, dtype=torch.float64)], 1) @ H.T
+    torch.testing.assert_close(mapped[:, :2] / mapped[:, 2:], CORNERS, atol=1e-12, rtol=0)

@@ -74,6 +74,33 @@ def test_tps_interpolates_its_control_points():
     torch.testing.assert_close(grid.reshape(1, 16, 2), theta.double(), atol=1e-9, rtol=0)
 
 
+def test_projective_grid_against_a_per_pixel_homography():
+    """Independent reference: each output pixel's centre mapped by H, then divided, one pixel at a time."""
+    h, w = 5, 7
+    H = torch.tensor([[0.9, 0.2, 0.1], [-0.1, 1.1, -0.2], [0.3, -0.25, 1.0]], dtype=torch.float64)
+    grid = sampling_grid(H[None], "projective", (h, w))[0]
+    for i in range(h):
+        for j in range(w):
+            x, y = (2 * j + 1) / w - 1, (2 * i + 1) / h - 1  # align_corners=False pixel centres
+            u, v, s = (H @ torch.tensor([x, y, 1.0], dtype=torch.float64)).tolist()
+            assert grid[i, j].tolist() == pytest.approx([u / s, v / s], abs=1e-12)
+
+
+def test_tps_grid_against_scipy_thin_plate_rbf():
+    """Independent reference: scipy's thin-plate-spline RBF with a linear term (degree 1), fitted to
+    non-affine control displacements, evaluated at every output pixel."""
+    from scipy.interpolate import RBFInterpolator
+
+    h, w = 6, 9
+    points = control_points(16, dtype=torch.float64)
+    theta = points + 0.15 * torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grid = sampling_grid(theta[None], "tps", (h, w))[0].reshape(-1, 2)
+    ys, xs = torch.meshgrid((2 * torch.arange(h) + 1) / h - 1, (2 * torch.arange(w) + 1) / w - 1, indexing="ij")
+    pixels = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1).double().numpy()
+    spline = RBFInterpolator(points.numpy(), theta.numpy(), kernel="thin_plate_spline", degree=1)
+    torch.testing.assert_close(grid, torch.from_numpy(spline(pixels)), atol=1e-6, rtol=0)  # scipy rescales: 7e-8
+
+
 def _gradcheck_theta(kind):
     g = torch.Generator().manual_seed(5)
     jitter = lambda t: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
