@@ -84,3 +84,39 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- the multiprocess marker is checked, not trusted ---------------------------------------------
+# `make test-fast` deselects `multiprocess` tests to stay a quick in-process run; a test that starts
+# a multiprocessing worker (DataLoader workers, a process pool) without the marker fails, naming it.
+_UNMARKED_STARTS: list = []
+_MARKED = {"now": True}
+
+
+def _checked_start(start):
+    def wrapper(self, *args, **kwargs):
+        if not _MARKED["now"]:
+            _UNMARKED_STARTS.append(type(self).__name__)
+        return start(self, *args, **kwargs)
+    return wrapper
+
+
+def pytest_configure(config):
+    import multiprocessing.process
+
+    base = multiprocessing.process.BaseProcess
+    if not getattr(base.start, "_marker_checked", False):
+        base.start = _checked_start(base.start)
+        base.start._marker_checked = True
+
+
+@pytest.fixture(autouse=True)
+def multiprocess_marker_is_honest(request):
+    _MARKED["now"] = request.node.get_closest_marker("multiprocess") is not None
+    _UNMARKED_STARTS.clear()
+    yield
+    started = list(_UNMARKED_STARTS)
+    _MARKED["now"], _UNMARKED_STARTS[:] = True, []
+    if started:
+        pytest.fail(f"{request.node.nodeid} started {len(started)} worker process(es) ({started[0]}) without "
+                    "@pytest.mark.multiprocess")

@@ -131,6 +131,7 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.multiprocess
 def test_train_loader_is_endless_with_equal_batches(cub_root):
     cfg, manifest = tiny_config("train.num_workers=2"), read_manifest(cub_root)
     batches = _take(build_train_loader(cfg, manifest, rank=0, world_size=2, micro_batch=5, seed=0), 12)
@@ -140,6 +141,7 @@ def test_train_loader_is_endless_with_equal_batches(cub_root):
         assert targets.shape == (5,) and targets.dtype == torch.int64 and targets.max() < 3
 
 
+@pytest.mark.multiprocess
 def test_closing_a_stream_stops_its_workers(cub_root):
     import multiprocessing
 
@@ -188,6 +190,7 @@ def test_svhn_targets_are_padded_sequences(tmp_path):
     assert scored == expected
 
 
+@pytest.mark.multiprocess
 def test_eval_split_covers_every_sample_once_for_any_rank_count(tmp_path):
     """Rank r of w reads shards r, r+w, ...: the union over ranks is the split, once, even with more
     ranks than shards (those ranks get nothing) and with loader workers."""
@@ -225,6 +228,7 @@ def test_corrupt_sample_skipped_and_counted(corrupt_root):
     assert evaluation.num_skipped == 1 and "000009" not in keys and len(keys) == 5
 
 
+@pytest.mark.multiprocess
 def test_corrupt_sample_error_names_shard_and_key(corrupt_root):
     manifest = read_manifest(corrupt_root)
     cfg = tiny_config("data.on_corrupt=error")

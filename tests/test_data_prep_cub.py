@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -126,9 +127,14 @@ def test_manifest_checksums_and_tar_listing(cub_out):
 
 def test_output_decodes_to_rgb(cub_out):
     out, manifest = cub_out
-    for sample in read_back(out, manifest)["test"][:3]:
-        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        assert image.mode == "RGB" and list(image.size) == json.loads(sample["json"])["size"]
+    from pipeline.data import decode_rgb
+
+    for sample in read_back(out, manifest)["test"][:3]:  # through the training pipeline's own decoder
+        array, size = decode_rgb(sample["jpg"])
+        reference = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=np.float64)
+        assert array.dtype == np.uint8 and array.shape == (size[1], size[0], 3)
+        assert list(size) == json.loads(sample["json"])["size"]
+        assert np.abs(array - reference).mean() < 2.0  # the same picture as PIL reads, in RGB order
 
 
 def test_class_subset_relabels_from_zero_and_limit(cub_root, tmp_path):

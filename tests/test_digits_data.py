@@ -226,6 +226,7 @@ def test_command_writes_shards_and_manifest(idx_root, tmp_path):
     assert json.loads((again / "manifest.json").read_text())["splits"] == manifest["splits"]
 
 
+@pytest.mark.multiprocess
 def test_command_resumes_refuses_other_output_and_splits_over_workers(idx_root, tmp_path, capsys):
     """digits runs on the shared job machinery: a rerun keeps complete shards, a folder holding other
     options is refused unless --overwrite, and --workers / --num-jobs write the same shards."""
@@ -285,6 +286,7 @@ def one_pair(tmp_path, count: int = 40) -> Path:
     return root
 
 
+@pytest.mark.multiprocess
 def test_train_count_splits_one_pair_disjointly_and_deterministically(tmp_path):
     root = one_pair(tmp_path)
     argv = ["digits", "--idx-root", str(root), "--distortion", "RTS", "--train-count", "30", "--fresh-train",

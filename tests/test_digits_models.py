@@ -71,11 +71,16 @@ def test_localisation_gets_gradients_through_the_sampler():
     F.cross_entropy(model(x), y).backward()
     head = model.transformer.head
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in model.transformer.localisation.parameters())
-    # Only the head moves at first (its weights start at zero); one SGD step then changes theta.
+    # The head's zero weights block the path to the localisation net at first ...
+    assert all(float(p.grad.abs().sum()) == 0 for p in model.transformer.localisation.parameters())
+    # ... so only the head moves; one SGD step then changes theta ...
     before = model.attend(x)["theta"]
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert not torch.allclose(model.attend(x)["theta"], before)
+    # ... and from then on every localisation parameter gets a gradient through the sampler.
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert all(float(p.grad.abs().sum()) > 0 for p in model.transformer.localisation.parameters())
 
 
 def test_explicit_width_and_bad_arguments():

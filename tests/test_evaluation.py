@@ -128,9 +128,16 @@ def split37(tmp_path_factory):
 
 def test_evaluate_single_process_reports_the_task_and_window_metrics(split37):
     manifest = read_manifest(split37)
-    metrics = evaluate(ColourClassifier(), tiny_config(), manifest, "test", "cpu")
+    cfg = tiny_config()
+    metrics = evaluate(ColourClassifier(), cfg, manifest, "test", "cpu")
     assert metrics["num_samples"] == 37 and metrics["num_skipped"] == 0
-    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["loss"] > 0
+    # the same model over the same 37 images in one batch: the metrics are per sample, not per batch
+    from pipeline.data import build_eval_loader, normalize
+    (images, targets, _), = build_eval_loader(cfg, manifest, "test", 0, 1, batch_size=64, num_workers=0)
+    with torch.no_grad():
+        logits = ColourClassifier()(normalize(images, cfg.data.mean, cfg.data.std))
+    assert metrics["top1"] == pytest.approx((logits.argmax(1) == targets).float().mean().item())
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
     centre, moving = metrics["windows"]["streams"]
     assert centre["center_x"] == pytest.approx(0.0, abs=1e-6) and centre["spread_x"] == pytest.approx(0.0, abs=1e-6)
     assert moving["spread_x"] > 0 and 0 <= moving["outside"] < 1

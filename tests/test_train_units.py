@@ -30,7 +30,12 @@ def test_srun_environment_gives_rank_world_and_an_agreed_port():
            "MASTER_ADDR": "gpu07"}
     info = launch_info(env)
     assert (info.rank, info.world_size, info.local_rank, info.launcher) == (5, 8, 1, "slurm")
-    assert info.master_addr == "gpu07" and info.master_port == str(15000 + 123456 % 20000)
+    assert info.master_addr == "gpu07"
+    # every rank of a job derives the same free-range port from the job id; other jobs get other ports
+    ports = {launch_info({**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 4)}).master_port
+             for rank in range(8)}
+    assert ports == {info.master_port} and 1024 < int(info.master_port) < 49152  # below the ephemeral range
+    assert len({launch_info({**env, "SLURM_JOB_ID": str(job)}).master_port for job in range(123456, 123466)}) == 10
     assert launch_info({**env, "MASTER_PORT": "29999"}).master_port == "29999"
     assert planned_world_size(env) == 8
     # One task (an sbatch script running python directly) is a single process.
@@ -126,12 +131,33 @@ def test_sequence_models_train_and_keep_the_best_by_sequence_accuracy(tmp_path):
     summary = run(cfg)
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
     assert best["metric_name"] == "sequence_accuracy" and best["best_metric"] == summary["metrics"]["sequence_accuracy"]
-    assert 0 <= summary["metrics"]["digit_accuracy"] <= 1 and summary["metrics"]["num_samples"] == 6
+    assert summary["metrics"]["num_samples"] == 6 and "digit_accuracy" in summary["metrics"]
     train = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [l for l in train if l["split"] == "train"]
     # The logged lr is the base lr; the localisation role runs at 0.1 x it (paper A.4).
     assert train[0]["lr"] == pytest.approx(cfg.optim.lr) and train[0]["lr/localisation"] == pytest.approx(0.1 * cfg.optim.lr)
     assert (tmp_path / "run" / "viz" / "step_0000002.png").is_file()
+
+
+def test_best_checkpoint_stays_the_earlier_one_when_a_later_evaluation_is_worse(tmp_path, monkeypatch):
+    from shard_fixtures import write_tiny_svhn_shards
+    from pipeline.train.trainer import Trainer
+
+    scores = iter([0.5, 0.75, 0.25])  # steps 2, 4, 6: the best is step 4's, then a worse one
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"num_samples": 6, "loss": 1.0,
+                                                           "sequence_accuracy": next(scores), "digit_accuracy": 0.5})
+    shards = write_tiny_svhn_shards(tmp_path / "svhn")
+    cfg = load_config(REPO / "configs" / "svhn" / "cnn_64.yaml", [
+        f"data.root={shards}", f"run.dir={tmp_path / 'run'}", "model.extra.width=0.125", "train.global_batch_size=4",
+        "train.max_steps=6", "train.eval_every=2", "train.checkpoint_every=100", "train.num_workers=0",
+        "data.shuffle_buffer=8"])
+    summary = run(cfg)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    best = torch.load(checkpoints / "best.pt", weights_only=True)
+    last = torch.load(checkpoints / "last.pt", weights_only=True)
+    assert (best["step"], best["best_metric"], best["metric_name"]) == (4, 0.75, "sequence_accuracy")
+    assert (last["step"], last["best_metric"], last["metrics"]["sequence_accuracy"]) == (6, 0.75, 0.25)
+    assert summary["best_metric"] == 0.75
 
 
 def test_resumed_metrics_keep_lines_up_to_the_checkpoint_and_drop_a_torn_last_line(tmp_path):

@@ -86,7 +86,9 @@ def test_cli_subprocess_bad_scheduler_exits_2_without_ray(tmp_path):
     run = subprocess.run([PYTHON, "-m", "pipeline.tune", "--config", str(path)], cwd=REPO,
                          env=subprocess_env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "scheduler.name='pbt'" in run.stderr
-    assert "Ray" not in run.stdout and not (tmp_path / "runs").exists()
+    # one error line and nothing else: Ray, which logs its start to stderr, never started
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and run.stderr.startswith("error: ")
+    assert run.stdout == "" and not (tmp_path / "runs").exists()
 
 
 def test_cli_overrides_split_between_sweep_keys_and_trial_config(tmp_path):
