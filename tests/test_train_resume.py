@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,26 @@ def _signal_after(proc: subprocess.Popen, marker: str, sig: int, group: bool = F
             break
     seen.append(proc.communicate(timeout=240)[1])
     return "".join(seen)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a node failure or SLURM's cgroup kill does."""
+    children: dict = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _state(run_dir: Path) -> dict:
@@ -87,3 +108,35 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_with_the_requeue_code(s
     assert 2 <= state["step"] < 100000
     assert f"stopped by SIGTERM after step {state['step']}" in log
     assert (run_dir / "checkpoints" / f"step_{state['step']:07d}.pt").is_file()
+
+
+def test_two_ranks_with_loader_workers_killed_and_resumed_match_an_uninterrupted_run(shards, tmp_path):
+    """The multi-rank form of the test above: 2 gloo ranks, one loader worker each, dropout on; every
+    rank's own RNG states must come back (rank 0's on both ranks gives other dropout masks on rank 1)."""
+    common = ["train.max_steps=60", "train.checkpoint_every=20", "train.eval_every=20", "model.dropout=0.5",
+              "train.resume=auto", "train.num_workers=1", "train.global_batch_size=8", "train.log_every=20"]
+
+    def start(run_dir):
+        return subprocess.Popen(train_cmd(tiny_run(shards, run_dir, *common), nproc=2), cwd=REPO, env=subprocess_env(),
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    straight, killed = start(tmp_path / "straight"), start(tmp_path / "killed")
+    # torchrun passes the ranks' log on in bursts: watch for the checkpoint file itself
+    first = tmp_path / "killed" / "checkpoints" / "step_0000020.pt"
+    while not first.exists() and killed.poll() is None:
+        time.sleep(0.01)
+    _kill_tree(killed.pid)  # torchrun, its ranks (in sessions of their own) and their loader workers
+    log = killed.communicate(timeout=60)[1]
+    interrupted_at = _state(tmp_path / "killed")["step"]
+    assert interrupted_at in (20, 40), f"the run finished before SIGKILL arrived:\n{log[-2000:]}"
+    assert len(_state(tmp_path / "killed")["rng"]) == 2  # one RNG state per rank
+
+    resumed = start(tmp_path / "killed")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"at step {interrupted_at}" in err
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "killed")
+    assert a["step"] == b["step"] == 60
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"{name} differs after a 2-rank resume"
