@@ -246,6 +246,9 @@ def _worker_main(root: str, out: str) -> None:
         results = {workers: evaluate(ColourClassifier(), tiny_config(), manifest, "test", "cpu", rank, world,
                                      batch_size=4, num_workers=workers, group=group)
                    for workers in (0, 2)}
+        # train.eval_max_samples: a quick evaluation of 11 samples however many ranks share it
+        results["max11"] = evaluate(ColourClassifier(), tiny_config(), manifest, "test", "cpu", rank, world,
+                                    max_samples=11, batch_size=4, num_workers=0, group=group)
         Path(out, f"world{world}-rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
@@ -262,6 +265,8 @@ def test_exact_once_over_1_2_3_ranks_and_0_2_workers(split37, tmp_path):
     for world in (1, 2, 3):
         for rank in range(world):
             results = json.loads((tmp_path / f"world{world}-rank{rank}.json").read_text())
+            capped = results.pop("max11")
+            assert capped["num_samples"] == 11, f"world {world} rank {rank}: {capped['num_samples']} samples, not 11"
             for workers, metrics in results.items():
                 where = f"world {world} rank {rank} workers {workers}"
                 assert metrics["num_samples"] == 37, where

@@ -167,3 +167,109 @@ def test_resumed_metrics_keep_lines_up_to_the_checkpoint_and_drop_a_torn_last_li
                     '{"step": 4, "split": "test"}\n{"step": 5, "split": "train"}\n{"step": 6, "spl')
     drop_lines_after(path, 4)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [0, 4, 4]
+
+
+@pytest.mark.slow
+def test_damaged_last_checkpoint_falls_back_to_the_newest_loadable_one_under_resume_auto(tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="pipeline")
+    shards = write_tiny_cub_shards(tmp_path / "cub")
+    args = ["train.checkpoint_every=4", "train.eval_every=4", "train.keep_checkpoints=3", "train.resume=auto"]
+    assert main(tiny_run(shards, tmp_path / "run", "train.max_steps=8", *args)) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = checkpoints / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # damaged after the fact (also its hard link step_0000008.pt)
+    assert main(tiny_run(shards, tmp_path / "run", "train.max_steps=12", *args)) == 0
+    assert "last.pt: not a loadable checkpoint" in caplog.text and "goes on from the newest loadable" in caplog.text
+    assert f"resumed from {checkpoints / 'step_0000004.pt'} at step 4" in caplog.text
+    assert torch.load(last, weights_only=True)["step"] == 12
+    # an explicit path never falls back; nothing to fall back on is one line naming the file
+    last.write_bytes(b"broken")
+    assert main(tiny_run(shards, tmp_path / "run", "train.max_steps=16", f"train.resume={last}")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {last}: not a loadable checkpoint")
+    for path in checkpoints.glob("step_*.pt"):
+        path.unlink()
+    assert main(tiny_run(shards, tmp_path / "run", "train.max_steps=16", *args)) == 2
+    assert "no loadable step_*.pt beside it" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_grad_clip_bounds_the_first_update(tmp_path):
+    """SGD without momentum, lr 1: the first step moves the weights by exactly the clipped gradient."""
+    from pipeline.train.distributed import DistEnv
+    from pipeline.train.trainer import Trainer
+
+    shards = write_tiny_cub_shards(tmp_path / "cub")
+    moved = {}
+    for clip in (None, 0.01):
+        cfg = load_config(None, tiny_run(shards, tmp_path / "run", "optim.lr=1.0", "optim.momentum=0.0",
+                                         "optim.weight_decay=0.0", "optim.lr_scale.localisation=1.0",
+                                         f"optim.grad_clip={clip if clip else 'null'}", "model.dropout=0.0"))
+        trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False))
+        trainer.manifest = trainer.read_data()
+        trainer.distortion = trainer.fresh_distortion()
+        trainer.build_model_and_optimiser()
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train_step(trainer.train_stream())
+        moved[clip] = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)]).norm()
+    assert moved[None] > 0.1  # unclipped, the step is far larger than the bound ...
+    assert moved[0.01] == pytest.approx(0.01, rel=1e-3)  # ... clipped, its norm is the bound
+
+
+@pytest.mark.slow
+def test_cpu_bf16_autocast_and_compile_train_a_tiny_model(tmp_path):
+    shards = write_tiny_cub_shards(tmp_path / "cub")
+    bf16 = load_config(None, tiny_run(shards, tmp_path / "bf16", "train.max_steps=2", "train.eval_every=2",
+                                      "train.precision=bf16", "train.cpu_autocast=true"))
+    summary = run(bf16)
+    setup = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert setup["precision"] == "bf16" and summary["step"] == 2 and summary["metrics"]["loss"] > 0
+    # without cpu_autocast a bf16 config runs in fp32 on CPU
+    fp32 = load_config(None, tiny_run(shards, tmp_path / "fp32", "train.max_steps=1", "train.precision=bf16"))
+    run(fp32)
+    assert json.loads((tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()[0])["precision"] == "fp32"
+    compiled = load_config(None, tiny_run(shards, tmp_path / "compiled", "train.max_steps=2", "train.eval_every=2",
+                                          "train.compile=true"))
+    summary = run(compiled)
+    state = torch.load(tmp_path / "compiled" / "checkpoints" / "last.pt", weights_only=True)
+    assert summary["step"] == 2 and not any(k.startswith("_orig_mod") for k in state["model"])  # the bare weights
+
+
+def test_sync_bn_converts_every_batchnorm_on_distributed_cuda_and_is_ignored_on_cpu(caplog):
+    import timm
+    from timm.layers import BatchNormAct2d
+    from pipeline.train.distributed import DistEnv
+    from pipeline.train.trainer import Trainer
+
+    cfg = load_config(None, ["train.sync_bn=true", "run.dir=/tmp/unused-sync-bn"])
+    model = timm.create_model("test_efficientnet", pretrained=False)  # BatchNormAct2d layers: norm + activation
+    acts = [type(m.act).__name__ for m in model.modules() if isinstance(m, BatchNormAct2d)]
+    assert acts
+    cuda = Trainer(cfg, DistEnv(0, 2, 0, torch.device("cuda", 0), owns_group=False))  # converting needs no GPU
+    synced = cuda.sync_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, torch.nn.SyncBatchNorm)
+                   for m in synced.modules())
+    assert [type(m.act).__name__ for m in synced.modules() if hasattr(m, "act") and
+            isinstance(m, torch.nn.SyncBatchNorm)] == acts  # each activation kept
+    cpu = Trainer(cfg, DistEnv(0, 2, 0, torch.device("cpu"), owns_group=False))
+    fresh = timm.create_model("test_efficientnet", pretrained=False)
+    assert cpu.sync_batchnorm(fresh) is fresh and "train.sync_bn=true ignored" in caplog.text
+    single = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cuda", 0), owns_group=False))
+    assert single.sync_batchnorm(fresh) is fresh  # one rank: nothing to synchronise
+
+
+def test_channels_last_input_gives_the_same_logits_as_contiguous():
+    """The CUDA path (train.channels_last) feeds channels_last batches to a channels_last model."""
+    from pipeline.data import normalize
+    from pipeline.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("nxst_cnn", backbone="test_resnet", num_streams=2, input_size=64, crop_size=32,
+                         num_classes=3, dropout=0.0).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    flat = normalize(images, [0.5] * 3, [0.25] * 3, channels_last=False)
+    last = normalize(images, [0.5] * 3, [0.25] * 3, channels_last=True)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(flat, last)
+    with torch.no_grad():
+        expected = model(flat)
+        got = model.to(memory_format=torch.channels_last)(last)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

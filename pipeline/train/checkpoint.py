@@ -12,14 +12,18 @@ Layout under `<run.dir>/checkpoints/`: `step_NNNNNNN.pt` (newest `keep` kept), `
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+
+
+log = logging.getLogger("pipeline.train")
 
 
 class CheckpointError(ValueError):
@@ -128,6 +132,31 @@ class CheckpointDir:
         periodic = sorted(self.root.glob("step_*.pt"))
         for old in periodic[:max(0, len(periodic) - self.keep)]:
             old.unlink(missing_ok=True)
+
+    def load_resume(self, resume: Optional[str]) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """(path, state) of the checkpoint to resume from, or None to start afresh.
+
+        With train.resume=auto a last.pt that cannot be loaded (a file damaged after it was written:
+        writes are atomic) falls back, with a warning, to the newest loadable step_*.pt; an
+        explicit path never falls back."""
+        path = self.resume_path(resume)
+        if path is None:
+            return None
+        try:
+            return path, load(path)
+        except CheckpointError as err:
+            if resume != "auto":
+                raise
+            for older in sorted(self.root.glob("step_*.pt"), reverse=True):
+                if older.samefile(path):  # last.pt's own hard link: the same damaged bytes
+                    continue
+                try:
+                    state = load(older)
+                except CheckpointError:
+                    continue
+                log.warning("%s; train.resume=auto goes on from the newest loadable checkpoint, %s", err, older)
+                return older, state
+            raise CheckpointError(f"{err}; no loadable step_*.pt beside it to fall back on (train.resume=auto)") from None
 
     def resume_path(self, resume: Optional[str]) -> Optional[Path]:
         """The file `train.resume` points at: null -> none, auto -> last.pt if present, else a path."""

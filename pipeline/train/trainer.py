@@ -88,7 +88,7 @@ class Trainer:
         self.metrics: Optional[Dict[str, Any]] = None
         self.distortion = None  # data.distortion's fresh batch distortion, set by fit()
         self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
-        self.resume_from = self.checkpoints.resume_path(cfg.train.resume)  # a missing file fails first
+        self.checkpoints.resume_path(cfg.train.resume)  # a missing train.resume file fails here, before any work
 
     # ------------------------------------------------------------------ the outline
 
@@ -157,14 +157,8 @@ class Trainer:
     def build_model_and_optimiser(self) -> None:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model)
+        model = self.sync_batchnorm(build_model(cfg.model))
         self.task = getattr(model, "task", "classification")
-        if cfg.train.sync_bn and env.distributed:
-            if env.device.type == "cuda":
-                # timm's converter keeps BatchNormAct2d's activation; torch's would drop it silently.
-                model = timm_convert_sync_batchnorm(model)
-            elif env.is_main:
-                log.warning("train.sync_bn=true ignored: SyncBatchNorm needs CUDA; each rank keeps its own statistics")
         self.memory_format = torch.channels_last if cfg.train.channels_last and env.device.type == "cuda" \
             else torch.contiguous_format
         # On the device before the optimiser is built: fused kernels check where the parameters live.
@@ -180,6 +174,17 @@ class Trainer:
                              "loss scaler; use bf16 or fp32")
         self.train_model = self.wrap_model(self.model)
         self.seed_rngs(cfg.train.seed)
+
+    def sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """train.sync_bn on a distributed CUDA run: batch statistics over all ranks (small per-GPU batches)."""
+        if not (self.cfg.train.sync_bn and self.env.distributed):
+            return model
+        if self.env.device.type == "cuda":
+            # timm's converter keeps BatchNormAct2d's activation; torch's would drop it silently.
+            return timm_convert_sync_batchnorm(model)
+        if self.env.is_main:
+            log.warning("train.sync_bn=true ignored: SyncBatchNorm needs CUDA; each rank keeps its own statistics")
+        return model
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """DDP (when distributed), then torch.compile (when asked); `self.model` stays the bare module."""
@@ -199,15 +204,15 @@ class Trainer:
         random.seed(s)
 
     def restore_or_start(self) -> None:
-        path = self.resume_from
-        if path is None:
+        resumed = self.checkpoints.load_resume(self.cfg.train.resume)
+        if resumed is None:
             if self.env.is_main:
                 if self.checkpoints.last.exists():
                     log.warning("%s holds a previous run's checkpoints; starting afresh over them "
                                 "(train.resume=auto would continue it)", self.run_dir)
                 save_config(self.cfg, self.run_dir / "config.yaml")
             return
-        state = ckpt.load(path)
+        path, state = resumed
         ckpt.load_weights(self.model, state["model"], path, self.cfg.model.name)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
