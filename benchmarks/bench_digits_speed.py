@@ -1,7 +1,9 @@
 """Training speed of the digits runner (the Trainer) against a plain PyTorch loop, side by side.
 
     .venv/bin/python benchmarks/bench_digits_speed.py                      # 1 thread, RTS, batch 128
-    .venv/bin/python benchmarks/bench_digits_speed.py --threads 2 --compile
+    .venv/bin/python benchmarks/bench_digits_speed.py --threads 2          # two intra-op threads
+    .venv/bin/python benchmarks/bench_digits_speed.py --compile            # the runner under torch.compile
+    .venv/bin/python benchmarks/bench_digits_speed.py --channels-last      # + plain loops in channels_last
 
 The plain loop is a few lines of PyTorch, the way a paper's script trains Table 1's RTS models: the
 digits held in memory as float tensors, a fresh RTS distortion drawn for every batch with
@@ -86,14 +88,17 @@ class PlainSTCNN(nn.Module):
 
 
 class PlainLoop:
-    def __init__(self, model: nn.Module, digits: torch.Tensor, labels: torch.Tensor, batch: int):
-        self.model, self.digits, self.labels, self.batch = model, digits, labels, batch
+    def __init__(self, model: nn.Module, digits: torch.Tensor, labels: torch.Tensor, batch: int,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.model, self.digits, self.labels, self.batch = model.to(memory_format=memory_format), digits, labels, batch
+        self.memory_format = memory_format
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         self.g = torch.Generator().manual_seed(0)
 
     def step(self) -> None:
         idx = torch.randint(0, len(self.digits), (self.batch,), generator=self.g)
-        loss = F.cross_entropy(self.model(rts(self.digits[idx], self.g)), self.labels[idx])
+        x = rts(self.digits[idx], self.g).contiguous(memory_format=self.memory_format)
+        loss = F.cross_entropy(self.model(x), self.labels[idx])
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="the runner's models under torch.compile (train.compile=true)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also the plain loops with channels_last models and inputs (the trainer uses it on CUDA only)")
     p.add_argument("--out", default=None, help="write the JSON figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,6 +154,10 @@ def main(argv=None) -> int:
                     "runner cnn": RunnerLoop("cnn.yaml", root, args.batch, extra),
                     "plain st-cnn": PlainLoop(PlainSTCNN(), digits, targets, args.batch),
                     "runner st-cnn": RunnerLoop("st_cnn.yaml", root, args.batch, extra)}
+        if args.channels_last:
+            last = torch.channels_last
+            variants["plain cnn channels_last"] = PlainLoop(PlainCNN(), digits, targets, args.batch, last)
+            variants["plain st-cnn channels_last"] = PlainLoop(PlainSTCNN(), digits, targets, args.batch, last)
         params = {name: sum(q.numel() for q in v.model.parameters()) for name, v in variants.items()}
         for v in variants.values():  # warm-up (compiles, fills the loader's shuffle buffer)
             cpu_seconds_per_step(v, 3)
@@ -166,6 +177,9 @@ def main(argv=None) -> int:
         "wall_s_per_step": {k: round(statistics.median(v), 4) for k, v in wall.items()},
         "ratio_runner_over_plain": {m: round(rate[f"runner {m}"] / rate[f"plain {m}"], 3) for m in ("cnn", "st-cnn")},
     }
+    if args.channels_last:
+        result["ratio_channels_last_over_plain"] = {
+            m: round(rate[f"plain {m} channels_last"] / rate[f"plain {m}"], 3) for m in ("cnn", "st-cnn")}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
