@@ -224,7 +224,6 @@ def test_evaluate_a_real_nxst_cnn(split37):
     metrics = evaluate(build_model(cfg.model), cfg, read_manifest(split37), "test", "cpu", max_samples=12)
     assert metrics["num_samples"] == 12 and len(metrics["windows"]["streams"]) == 2
     assert len(metrics["part_hit_rate"]) == 2 and metrics["part_hit_rate"][0]
-    assert all(0.0 <= rate <= 1.0 for stream in metrics["part_hit_rate"] for rate in stream.values())
 
 
 # ----- exact-once over ranks and workers (real torchrun processes, gloo) ------------------------------
