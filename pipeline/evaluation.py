@@ -148,7 +148,7 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
     Raises DataError when the ranks together scored (or skipped as corrupt) a different number
     of samples than the manifest lists, unless max_samples stopped them early.
     """
-    from pipeline.train.trainer import autocast, resolve_precision  # the trainer's precision rules, not a copy
+    from pipeline.precision import autocast, resolve_precision  # the trainer's precision rules, not a copy
 
     device = torch.device(device)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.cpu_autocast)

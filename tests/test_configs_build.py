@@ -22,8 +22,10 @@ def _small_overrides(cfg) -> list[str]:
     m = cfg.model
     if m.name in TIMM_MODELS:
         # 448 -> 64 and 224 -> 32 keep the input / crop ratio, hence the localisation downscale.
-        return ["model.backbone=test_resnet", "model.loc_backbone=null", "model.pretrained=null",
-                f"model.input_size={m.input_size // 7}", f"model.crop_size={m.crop_size // 7}"]
+        small = ["model.backbone=test_resnet", "model.pretrained=null", f"model.input_size={m.input_size // 7}"]
+        if m.name == "nxst_cnn":  # the baseline takes no crop and no localisation trunk
+            small += ["model.loc_backbone=null", f"model.crop_size={m.crop_size // 7}"]
+        return small
     if m.name.startswith("svhn_"):
         return ["model.extra.width=0.125"]
     return []

@@ -288,3 +288,16 @@ def test_model_extra_reaches_the_nxst_model_and_a_wrong_key_is_named():
         build_model(load_config(None, [*small, "model.extra.stream_mod=vmap"]).model)
     with pytest.raises(ValueError, match=r"model\.extra\.width is not an argument of model 'cub_baseline'"):
         build_model(load_config(None, ["model.name=cub_baseline", "model.extra.width=2"]).model)
+
+
+def test_build_model_refuses_a_set_field_its_model_ignores():
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+
+    cfg = load_config(None, ["model.name=svhn_cnn", "model.input_size=64", "model.backbone=resnet50",
+                             "model.extra.width=0.125"])
+    with pytest.raises(ValueError, match="model.backbone='resnet50' has no effect on model 'svhn_cnn'"):
+        build_model(cfg.model)
+    # a field left at its default is passed over silently, a taken one is used
+    cfg = load_config(None, ["model.name=svhn_cnn", "model.input_size=64", "model.extra.width=0.125"])
+    assert build_model(cfg.model).input_size == 64

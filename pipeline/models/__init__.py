@@ -11,19 +11,16 @@ Each model module registers its factories with `@register_model`. Every model ex
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Any, Callable, Dict, List
+from typing import Any, List
 
 import torch.nn as nn
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+from .registry import REGISTRY as _REGISTRY
+from .registry import register_model
 
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    if fn.__name__ in _REGISTRY:
-        raise ValueError(f"model '{fn.__name__}' registered twice")
-    _REGISTRY[fn.__name__] = fn
-    return fn
+__all__ = ["create_model", "list_models", "build_model", "register_model"]
 
 
 def list_models() -> List[str]:
@@ -41,13 +38,22 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 def build_model(model_cfg: Any) -> nn.Module:
     """A model from a `ModelConfig`: the fields the factory accepts, plus `extra`.
 
-    Fields a factory does not take (e.g. `backbone` for the SVHN CNN) are not passed.
+    A field the factory does not take (e.g. `backbone` for the SVHN CNN) is passed over while it
+    holds its default; set to anything else it is an error naming it (it would be ignored).
     """
+    from pipeline.config import ModelConfig
+
     _import_all()
     if model_cfg.name not in _REGISTRY:
         raise ValueError(f"model.name='{model_cfg.name}' is unknown; known models: {', '.join(sorted(_REGISTRY))}")
     factory = _REGISTRY[model_cfg.name]
     accepted = inspect.signature(factory).parameters
+    defaults = ModelConfig()
+    for field in dataclasses.fields(model_cfg):
+        value = getattr(model_cfg, field.name)
+        if field.name not in ("name", "extra") and field.name not in accepted and value != getattr(defaults, field.name):
+            raise ValueError(f"model.{field.name}={value!r} has no effect on model '{model_cfg.name}', which takes: "
+                             f"{', '.join(accepted)}; remove it")
     kwargs = {k: v for k, v in vars(model_cfg).items() if k in accepted and k not in ("name", "extra")}
     # A factory with **kwargs passes them on (nxst_cnn -> NxSTCNN): the model itself names a wrong one.
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())

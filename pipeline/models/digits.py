@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from . import register_model
+from .registry import register_model
 from .spatial_transformer import SpatialTransformer
 
 TARGET_PARAMS = 400_000

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model
+from .registry import register_model
 from .localisation import TrunkLocalisation, create_timm
 from .spatial_transformer import SpatialTransformer, finite_difference_theta
 

@@ -17,7 +17,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from . import register_model
+from .registry import register_model
 from .localisation import ConvLocalisation, FcLocalisation
 from .multistream import check_input
 from .spatial_transformer import SpatialTransformer, warp, window_boxes

@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline.config import Config, per_rank_batch, save_config, to_dict
 from pipeline.data.manifest import DataError
 from pipeline.models import build_model
-from pipeline.train import checkpoint as ckpt
+from pipeline.precision import autocast, resolve_precision
+import pipeline.train.checkpoint as ckpt
 from pipeline.train.distributed import DistEnv, all_gather_object, any_rank, barrier
 from pipeline.train.monitor import Monitor, Window
 from pipeline.train.optim import build_optimizer, build_schedule, lrs_by_role
@@ -57,20 +58,6 @@ def stream_seed(seed: int, step: int) -> int:
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy; sequence logits (B, L, C) against targets (B, L) count every position."""
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
-
-
-def resolve_precision(asked: str, device: torch.device, cpu_autocast: bool) -> str:
-    """The precision a run uses: as asked on CUDA; on CPU fp32 unless bf16 autocast is asked for
-    (train.cpu_autocast), since CPU autocast is slow or missing for many kernels."""
-    if device.type == "cpu":
-        return "bf16" if asked == "bf16" and cpu_autocast else "fp32"
-    return asked
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def best_metric_name(model: nn.Module) -> str:
