@@ -168,3 +168,50 @@ class CheckpointDir:
         if not path.is_file():
             raise CheckpointError(f"train.resume={resume}: checkpoint not found")
         return path
+
+
+class Checkpointer:
+    """The trainer's checkpoint component: when a checkpoint is due, what one holds, and resuming.
+
+    A checkpoint is due every train.checkpoint_every steps, after the last step, when a stop signal
+    came, and on a new best evaluation. Its contents are `state_dict()` of the training parts plus
+    progress and every rank's RNG states: the format is written by `pack` and read by `unpack`, here
+    only (`pipeline.evaluate.load_model` reads the same file through `load`).
+    """
+
+    def __init__(self, run_dir: str | Path, every: int, keep: int, resume: Optional[str]):
+        self.dir = CheckpointDir(Path(run_dir) / "checkpoints", keep)
+        self.every, self.resume = every, resume
+        self.dir.resume_path(resume)  # a missing train.resume file fails here, before any work
+
+    @property
+    def last(self) -> Path:
+        return self.dir.last
+
+    def due(self, step: int, final: bool, stopping: bool, improved: bool = False) -> bool:
+        return step % self.every == 0 or final or stopping or improved
+
+    def ends_segment(self, step: int, final: bool) -> bool:
+        """A periodic checkpoint ends a segment of the training stream (the trainer starts a new one)."""
+        return step % self.every == 0 and not final
+
+    @staticmethod
+    def pack(parts: Dict[str, Any], progress: Dict[str, Any], rngs: list, config: Dict[str, Any]) -> Dict[str, Any]:
+        """The checkpoint: each part's state_dict() (model, optimizer, schedule, scaler), progress
+        (step, images_seen, epoch, best_metric, metric_name, metrics), rng (one per rank), config."""
+        return {**{name: part.state_dict() for name, part in parts.items()}, **progress, "rng": rngs, "config": config}
+
+    @staticmethod
+    def unpack(state: Dict[str, Any], parts: Dict[str, Any], path: Path, model_name: str) -> Dict[str, Any]:
+        """Load `state` into the parts; returns the progress and the RNG states."""
+        load_weights(parts["model"], state["model"], path, model_name)
+        for name, part in parts.items():
+            if name != "model":
+                part.load_state_dict(state[name])
+        return {key: state[key] for key in ("step", "images_seen", "best_metric", "metrics", "rng")}
+
+    def save(self, state: Dict[str, Any], step: int, is_best: bool) -> Path:
+        return self.dir.save(state, step, is_best)
+
+    def load(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        return self.dir.load_resume(self.resume)

@@ -40,7 +40,7 @@ from pipeline.train.distributed import DistEnv, all_gather_object, any_rank, bar
 from pipeline.train.monitor import Monitor, Window
 from pipeline.train.optim import build_optimizer, build_schedule, lrs_by_role
 from pipeline.train.signals import Preempted, StopRequest, blocked_in_new_workers
-from pipeline.train.viz import attention_picture
+from pipeline.train.evaluator import Evaluator
 
 log = logging.getLogger("pipeline.train")
 OnEval = Callable[[int, Dict[str, Any], Optional[Path]], None]
@@ -60,10 +60,6 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
-def best_metric_name(model: nn.Module) -> str:
-    return "sequence_accuracy" if getattr(model, "task", "classification") == "sequence" else "top1"
-
-
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, on_eval: Optional[OnEval] = None):
         self.cfg, self.env, self.on_eval = cfg, env, on_eval
@@ -71,11 +67,10 @@ class Trainer:
         self.micro_batch, self.accum_steps = per_rank_batch(cfg, env.world_size)
         self.step = 0
         self.images_seen = 0
-        self.best: Optional[float] = None
-        self.metrics: Optional[Dict[str, Any]] = None
         self.distortion = None  # data.distortion's fresh batch distortion, set by fit()
-        self.checkpoints = ckpt.CheckpointDir(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
-        self.checkpoints.resume_path(cfg.train.resume)  # a missing train.resume file fails here, before any work
+        self.evaluator: Optional[Evaluator] = None  # needs the data and the model: set by fit()
+        t = cfg.train
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, t.checkpoint_every, t.keep_checkpoints, t.resume)
 
     # ------------------------------------------------------------------ the outline
 
@@ -85,8 +80,10 @@ class Trainer:
         self.distortion = self.fresh_distortion()
         self.build_model_and_optimiser()
         self.manifest.check_model(self.task, self.cfg.model.num_classes)  # labels fit the classifier
+        self.evaluator = Evaluator(self.cfg, self.env, self.manifest, None, self.task)
         self.restore_or_start()
         self.monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.step)
+        self.evaluator.monitor = self.monitor
         self.log_setup()
         stream = self.train_stream()
         window = Window(self.cfg.train.global_batch_size)
@@ -101,18 +98,20 @@ class Trainer:
                     if self.step % t.log_every == 0:
                         self.log_train(window)
                     final = self.step == t.max_steps
-                    periodic = self.step % t.checkpoint_every == 0
-                    if self.step % t.eval_every == 0 or final:
-                        self.evaluate_and_checkpoint(periodic or final or stopping)
-                    elif periodic or stopping:
-                        self.save_checkpoint()
+                    evaluated = self.evaluator.due(self.step, final)
+                    metrics, improved = self.evaluator.run(self.model, self.step, self.evaluate) \
+                        if evaluated else (None, False)
+                    due = self.checkpointer.due(self.step, final, stopping, improved)
+                    path = self.save_checkpoint(is_best=improved) if due else None
+                    if evaluated and self.on_eval is not None:
+                        self.on_eval(self.step, dict(metrics), path)
                     if stopping and not final:
                         raise Preempted(self.step, stop.signal_name or "a signal on another rank",
-                                        str(self.checkpoints.last))
-                    if periodic and not final:
+                                        str(self.checkpointer.last))
+                    if self.checkpointer.ends_segment(self.step, final):
                         stream.close()  # stops its workers now
                         stream = self.train_stream()  # a new segment: see the module docstring
-                    if periodic or self.step % t.eval_every == 0:
+                    if due or evaluated:
                         window.reset()  # rates measure training, not evaluations and checkpoints
         finally:
             stream.close()
@@ -191,22 +190,19 @@ class Trainer:
         random.seed(s)
 
     def restore_or_start(self) -> None:
-        resumed = self.checkpoints.load_resume(self.cfg.train.resume)
+        resumed = self.checkpointer.load()
         if resumed is None:
             if self.env.is_main:
-                if self.checkpoints.last.exists():
+                if self.checkpointer.last.exists():
                     log.warning("%s holds a previous run's checkpoints; starting afresh over them "
                                 "(train.resume=auto would continue it)", self.run_dir)
                 save_config(self.cfg, self.run_dir / "config.yaml")
             return
         path, state = resumed
-        ckpt.load_weights(self.model, state["model"], path, self.cfg.model.name)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.images_seen = state["step"], state["images_seen"]
-        self.best, self.metrics = state["best_metric"], state["metrics"]
-        rngs = state["rng"]
+        progress = self.checkpointer.unpack(state, self.training_parts(), path, self.cfg.model.name)
+        self.step, self.images_seen = progress["step"], progress["images_seen"]
+        self.evaluator.load_state_dict(progress)
+        rngs = progress["rng"]
         if len(rngs) == self.env.world_size:
             ckpt.set_rng_state(rngs[self.env.rank])
         else:  # another world size: fresh but reproducible per-rank streams
@@ -307,7 +303,7 @@ class Trainer:
         any_bad, stopping = any_rank(self.env, bad, stop_requested)
         if any_bad:
             where = f" on rank {self.env.rank}" if bad and self.env.distributed else ""
-            last = self.checkpoints.last
+            last = self.checkpointer.last
             kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
             raise NonFiniteLoss(f"non-finite loss ({loss.item()}{where}) at step {self.step + 1}; stopping, "
                                 f"{kept}; lower optim.lr or set optim.grad_clip")
@@ -325,49 +321,21 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and checkpoints
 
     def evaluate(self) -> Dict[str, Any]:
-        from pipeline.evaluation import evaluate
-        self.model.eval()
-        # Evaluation must not move the training RNGs (loaders draw seeds from them): a resumed run
-        # evaluates (and loads picture images) at other moments than an uninterrupted one.
-        rngs = ckpt.rng_state()
-        try:
-            with blocked_in_new_workers():
-                metrics = evaluate(self.model, self.cfg, self.manifest, self.cfg.data.eval_split,
-                                   self.env.device, self.env.rank, self.env.world_size,
-                                   self.cfg.train.eval_max_samples)
-            if self.env.is_main and getattr(self.model, "num_streams", 0) and self.cfg.train.num_viz > 0:
-                self.draw_attention()
-        finally:
-            self.model.train()
-            ckpt.set_rng_state(rngs)
-        return metrics
+        """The evaluation split's metrics (the Evaluator's; a hook for tests and subclasses)."""
+        return self.evaluator.evaluate(self.model, self.step, self.memory_format)
 
-    def evaluate_and_checkpoint(self, checkpoint_due: bool) -> None:
-        self.metrics = self.evaluate()
-        name = best_metric_name(self.model)
-        value = self.metrics.get(name)
-        improved = value is not None and (self.best is None or value > self.best)
-        if improved:
-            self.best = value
-        self.monitor.record(self.step, self.cfg.data.eval_split, self.metrics)
-        self.monitor.message(f"step {self.step} {self.cfg.data.eval_split}: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, float) and "/" not in k))
-        path = self.save_checkpoint(is_best=improved) if checkpoint_due or improved else None
-        if self.on_eval is not None:
-            self.on_eval(self.step, dict(self.metrics), path)
+    def training_parts(self) -> Dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "scaler": self.scaler}
 
     def save_checkpoint(self, is_best: bool = False) -> Path:
         """Rank 0 writes; every rank contributes its RNG states and waits until the file exists."""
         rngs = all_gather_object(self.env, ckpt.rng_state())
-        path = self.checkpoints.step_path(self.step)
+        path = self.checkpointer.dir.step_path(self.step)
         if self.env.is_main:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
-                     "step": self.step, "images_seen": self.images_seen,
-                     "epoch": self.images_seen / max(1, self.num_train_samples()),
-                     "best_metric": self.best, "metric_name": best_metric_name(self.model),
-                     "metrics": self.metrics, "rng": rngs, "config": to_dict(self.cfg)}
-            path = self.checkpoints.save(state, self.step, is_best)
+            progress = {"step": self.step, "images_seen": self.images_seen,
+                        "epoch": self.images_seen / max(1, self.num_train_samples()), **self.evaluator.state_dict()}
+            state = self.checkpointer.pack(self.training_parts(), progress, rngs, to_dict(self.cfg))
+            path = self.checkpointer.save(state, self.step, is_best)
             self.monitor.message(f"checkpoint step {self.step}: {path}" + (" (best)" if is_best else ""))
         barrier(self.env)
         return path
@@ -375,28 +343,7 @@ class Trainer:
     def num_train_samples(self) -> int:
         return self.manifest.num_samples(self.cfg.data.train_split)
 
-    def draw_attention(self) -> None:
-        from pipeline.data import normalize
-        images = self.viz_images()
-        d = self.cfg.data
-        with torch.no_grad():
-            x = normalize(images.to(self.env.device), d.mean, d.std,
-                          self.memory_format == torch.channels_last)
-            out = self.model.attend(x)
-        path = attention_picture(images, out["boxes"], out["crops"], d.mean, d.std,
-                                 self.run_dir / "viz" / f"step_{self.step:07d}.png")
-        self.monitor.add_image("attention", path, self.step)
-
-    def viz_images(self) -> torch.Tensor:
-        """The first train.num_viz images of the evaluation split (the same ones at every evaluation)."""
-        if not hasattr(self, "_viz_images"):
-            from pipeline.data import build_eval_loader
-            loader = build_eval_loader(self.cfg, self.manifest, self.cfg.data.eval_split, rank=0, world_size=1,
-                                       batch_size=self.cfg.train.num_viz, num_workers=0)
-            self._viz_images = next(iter(loader))[0][:self.cfg.train.num_viz]
-        return self._viz_images
-
     def summary(self) -> Dict[str, Any]:
-        return {"step": self.step, "metrics": self.metrics, "best_metric": self.best,
-                "checkpoint": str(self.checkpoints.last) if self.checkpoints.last.exists() else None,
+        return {"step": self.step, "metrics": self.evaluator.metrics, "best_metric": self.evaluator.best,
+                "checkpoint": str(self.checkpointer.last) if self.checkpointer.last.exists() else None,
                 "run_dir": str(self.run_dir)}

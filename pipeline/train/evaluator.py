@@ -1,0 +1,93 @@
+"""The trainer's evaluation component: when to evaluate, on which split, the best metric so far,
+and the attention pictures. `fit()` asks it (`due`, then `run`); it owns its state (`state_dict`).
+
+    evaluator = Evaluator(cfg, env, manifest, monitor)
+    if evaluator.due(step, final):
+        metrics, improved = evaluator.run(model, step, memory_format)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from pipeline.config import Config
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.distributed import DistEnv
+from pipeline.train.signals import blocked_in_new_workers
+from pipeline.train.viz import attention_picture
+
+# The metric whose increase makes a checkpoint the best one, per task.
+BEST_METRIC = {"classification": "top1", "sequence": "sequence_accuracy"}
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, env: DistEnv, manifest, monitor, task: str):
+        self.cfg, self.env, self.manifest, self.monitor = cfg, env, manifest, monitor
+        self.every, self.split = cfg.train.eval_every, cfg.data.eval_split
+        self.metric_name = BEST_METRIC[task]
+        self.best: Optional[float] = None
+        self.metrics: Optional[Dict[str, Any]] = None
+        self._viz_images: Optional[torch.Tensor] = None
+
+    def due(self, step: int, final: bool) -> bool:
+        return step % self.every == 0 or final
+
+    def run(self, model: nn.Module, step: int, evaluate=None) -> Tuple[Dict[str, Any], bool]:
+        """Evaluate (with `evaluate()` when given: the trainer's hook), log, and track the best;
+        returns (metrics, whether they are a new best)."""
+        self.metrics = evaluate() if evaluate is not None else self.evaluate(model, step)
+        value = self.metrics.get(self.metric_name)
+        improved = value is not None and (self.best is None or value > self.best)
+        if improved:
+            self.best = value
+        self.monitor.record(step, self.split, self.metrics)
+        self.monitor.message(f"step {step} {self.split}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, float) and "/" not in k))
+        return self.metrics, improved
+
+    def evaluate(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> Dict[str, Any]:
+        """The split's metrics on every rank (all-reduced), and rank 0's attention picture."""
+        from pipeline.evaluation import evaluate
+        model.eval()
+        # Evaluation must not move the training RNGs (loaders draw seeds from them): a resumed run
+        # evaluates (and loads picture images) at other moments than an uninterrupted one.
+        rngs = ckpt.rng_state()
+        try:
+            with blocked_in_new_workers():
+                metrics = evaluate(model, self.cfg, self.manifest, self.split, self.env.device, self.env.rank,
+                                   self.env.world_size, self.cfg.train.eval_max_samples)
+            if self.env.is_main and getattr(model, "num_streams", 0) and self.cfg.train.num_viz > 0:
+                self.draw_attention(model, step, memory_format)
+        finally:
+            model.train()
+            ckpt.set_rng_state(rngs)
+        return metrics
+
+    def draw_attention(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> None:
+        from pipeline.data import normalize
+        images = self.viz_images()
+        d = self.cfg.data
+        with torch.no_grad():
+            x = normalize(images.to(self.env.device), d.mean, d.std, memory_format == torch.channels_last)
+            out = model.attend(x)
+        path = attention_picture(images, out["boxes"], out["crops"], d.mean, d.std,
+                                 Path(self.cfg.run.dir) / "viz" / f"step_{step:07d}.png")
+        self.monitor.add_image("attention", path, step)
+
+    def viz_images(self) -> torch.Tensor:
+        """The first train.num_viz images of the evaluation split (the same ones at every evaluation)."""
+        if self._viz_images is None:
+            from pipeline.data import build_eval_loader
+            loader = build_eval_loader(self.cfg, self.manifest, self.split, rank=0, world_size=1,
+                                       batch_size=self.cfg.train.num_viz, num_workers=0)
+            self._viz_images = next(iter(loader))[0][:self.cfg.train.num_viz]
+        return self._viz_images
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"best_metric": self.best, "metric_name": self.metric_name, "metrics": self.metrics}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.best, self.metrics = state["best_metric"], state["metrics"]
