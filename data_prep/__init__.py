@@ -1,4 +1,4 @@
-"""Data-prep jobs: raw datasets -> webdataset tar shards + manifest.json (see DESIGN.md's contract)."""
+"""Data-prep jobs: raw datasets -> webdataset tar shards + manifest.json (the contract: docs/design.md)."""
 
 
 class DataPrepError(Exception):

@@ -1,4 +1,4 @@
-"""Tiny real webdataset shards in the CUB and SVHN contracts of DESIGN.md, for tests.
+"""Tiny real webdataset shards in the CUB and SVHN contracts of docs/design.md, for tests.
 
     root = write_tiny_cub_shards(tmp_path / "cub")          # manifest.json + train/test tar shards
     root = write_tiny_svhn_shards(tmp_path / "svhn")

@@ -1,4 +1,4 @@
-"""Reading and checking a shard folder's manifest.json (the data_prep contract in DESIGN.md).
+"""Reading and checking a shard folder's manifest.json (the data_prep contract in docs/design.md).
 
 The checks run before any rank starts streaming: a listed shard that is missing or whose size
 differs from the manifest would otherwise surface as a hang or a short evaluation much later.
