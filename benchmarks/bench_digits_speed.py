@@ -10,13 +10,15 @@ digits held in memory as float tensors, a fresh RTS distortion drawn for every b
 F.affine_grid / F.grid_sample, Adam, forward, backward, step. The runner's step is the real one of
 `python -m pipeline.experiments distorted`: `Trainer.train_step` on its training stream (webdataset
 shards of undistorted digits written by `data_prep digits --fresh-train`, PNG decode, the fresh
-distortion of `data.distortion`, normalisation), with configs/digits/{cnn,st_cnn}.yaml at the plain
-models' size (CNN conv 9x9x32 - 7x7x64: `model.extra.width=32`). Both sides train the same models
+distortion of `data.distortion`, normalisation), with configs/digits/{cnn,st_cnn}.yaml as they are
+(channels_last on CPU: `train.cpu_channels_last`) at the plain models' size (CNN conv 9x9x32 - 7x7x64: `model.extra.width=32`). Both sides train the same models
 on the same 42 px RTS digits with the same batch.
 
 Measured in rounds that alternate the variants (machine load hits each alike); the figure is images
 per CPU-second of the process (one thread by default: on a shared machine wall time measures the
-neighbours), and ratio = runner / plain (>= 1: the runner is at least as fast).
+neighbours), and ratio = runner / plain (>= 1: the runner is at least as fast). The plain loop is
+in PyTorch's default (contiguous) layout, as such scripts are; `--channels-last` adds the plain
+loops in channels_last and the runner in the contiguous layout, so each layout is compared with itself.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class RunnerLoop:
     def __init__(self, config: str, data_root: Path, batch: int, extra: list):
         cfg = load_config(REPO / "configs" / "digits" / config, [
             f"data.root={data_root}", f"train.global_batch_size={batch}", "model.extra.width=32", "train.device=cpu",
-            "run.dir=/tmp/unused", "data.in_memory=true", *extra])
+            "run.dir=/tmp/unused", *extra])
         self.trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False))
         self.trainer.manifest = self.trainer.read_data()
         self.trainer.distortion = self.trainer.fresh_distortion()
@@ -154,10 +156,13 @@ def main(argv=None) -> int:
                     "runner cnn": RunnerLoop("cnn.yaml", root, args.batch, extra),
                     "plain st-cnn": PlainLoop(PlainSTCNN(), digits, targets, args.batch),
                     "runner st-cnn": RunnerLoop("st_cnn.yaml", root, args.batch, extra)}
-        if args.channels_last:
+        if args.channels_last:  # the same layout on both sides, and the runner in the default layout
             last = torch.channels_last
             variants["plain cnn channels_last"] = PlainLoop(PlainCNN(), digits, targets, args.batch, last)
             variants["plain st-cnn channels_last"] = PlainLoop(PlainSTCNN(), digits, targets, args.batch, last)
+            contiguous = extra + ["train.cpu_channels_last=false"]
+            variants["runner cnn contiguous"] = RunnerLoop("cnn.yaml", root, args.batch, contiguous)
+            variants["runner st-cnn contiguous"] = RunnerLoop("st_cnn.yaml", root, args.batch, contiguous)
         params = {name: sum(q.numel() for q in v.model.parameters()) for name, v in variants.items()}
         for v in variants.values():  # warm-up (compiles, fills the loader's shuffle buffer)
             cpu_seconds_per_step(v, 3)
@@ -178,8 +183,10 @@ def main(argv=None) -> int:
         "ratio_runner_over_plain": {m: round(rate[f"runner {m}"] / rate[f"plain {m}"], 3) for m in ("cnn", "st-cnn")},
     }
     if args.channels_last:
-        result["ratio_channels_last_over_plain"] = {
-            m: round(rate[f"plain {m} channels_last"] / rate[f"plain {m}"], 3) for m in ("cnn", "st-cnn")}
+        result["ratio_runner_over_plain_channels_last"] = {
+            m: round(rate[f"runner {m}"] / rate[f"plain {m} channels_last"], 3) for m in ("cnn", "st-cnn")}
+        result["ratio_runner_contiguous_over_plain"] = {
+            m: round(rate[f"runner {m} contiguous"] / rate[f"plain {m}"], 3) for m in ("cnn", "st-cnn")}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -145,7 +145,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = self.sync_batchnorm(build_model(cfg.model))
         self.task = getattr(model, "task", "classification")
-        self.memory_format = torch.channels_last if cfg.train.channels_last and env.device.type == "cuda" \
+        on_cpu = env.device.type == "cpu"
+        self.memory_format = torch.channels_last if cfg.train.channels_last and (not on_cpu or cfg.train.cpu_channels_last) \
             else torch.contiguous_format
         # On the device before the optimiser is built: fused kernels check where the parameters live.
         self.model = model.to(env.device, memory_format=self.memory_format)
