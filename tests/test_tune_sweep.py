@@ -76,9 +76,27 @@ def test_cli_rejects_a_bad_sweep_before_any_trial_starts(tmp_path, capsys):
 
 
 def test_cli_resume_with_nothing_to_resume_fails_before_ray_starts(tmp_path, capsys):
+    from shard_fixtures import write_tiny_cub_shards
+
     path = _write(tmp_path)
-    assert main(["--config", str(path), "--resume"]) == 2
+    data = write_tiny_cub_shards(tmp_path / "cub")
+    assert main(["--config", str(path), "--resume", f"data.root={data}"]) == 2
     assert "--resume: no sweep to resume in" in capsys.readouterr().err
+
+
+def test_cli_checks_the_trials_data_before_ray_starts(tmp_path, capsys):
+    from shard_fixtures import write_tiny_cub_shards
+
+    sweep = SWEEPS / "tiny_cpu.yaml"
+    assert main(["--config", str(sweep), "--check", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.root") and "nowhere" in err[0]
+    data = write_tiny_cub_shards(tmp_path / "cub")
+    (data / "train-000000.tar").unlink()  # a trial would fail on the missing shard
+    assert main(["--config", str(sweep), "--check", f"data.root={data}"]) == 2
+    assert "train-000000.tar" in capsys.readouterr().err
+    data = write_tiny_cub_shards(tmp_path / "cub2")
+    assert main(["--config", str(sweep), "--check", f"data.root={data}"]) == 0
 
 
 def test_cli_subprocess_bad_scheduler_exits_2_without_ray(tmp_path):

@@ -12,8 +12,17 @@ import sys
 from typing import Optional, Sequence
 
 from pipeline.config import ConfigError
+from pipeline.data.manifest import DataError, read_manifest
 from pipeline.tune.runner import DEFAULT_DASHBOARD_PORT, run_sweep
 from pipeline.tune.sweep import SweepError, load_sweep
+
+
+def check_data(sweep) -> None:
+    """Every trial reads data.root (the base config's, or each searched value): its manifest and shards
+    must be there, as seen from this machine (on a cluster: the shared filesystem the workers see)."""
+    roots = sweep.space.get("data.root", {}).get("values") or [sweep.base_config().data.root]
+    for root in roots:
+        read_manifest(root)  # DataError naming data.root or the missing file
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -35,12 +44,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.config, args.overrides)
+        check_data(sweep)  # before Ray starts: a trial that cannot read its data would only fail and retry
         if args.check:
             print(f"{args.config}: ok ({len(sweep.space)} searched keys, experiment {sweep.experiment_dir})")
             return 0
         result = run_sweep(sweep, address=args.address, resume=args.resume,
                            dashboard_port=args.dashboard_port, num_cpus=args.num_cpus)
-    except (SweepError, ConfigError) as err:
+    except (SweepError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result.counts.get("interrupted") or result.counts.get("not started"):
