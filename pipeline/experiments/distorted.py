@@ -205,7 +205,7 @@ def train_one(profile: DistortedProfile, key: str, distortion: str, seed: int, d
         return record | {"test_error": None, "diverged": str(err), "wall_s": time.time() - start}
     top1 = summary["metrics"]["top1"]
     model, _, _ = load_run(cfg.run.dir)
-    return record | {"test_error": 100.0 * (1.0 - top1), "num_test": summary["metrics"]["num_samples"],
+    return record | {"test_error": round(100.0 * (1.0 - top1), 4), "num_test": summary["metrics"]["num_samples"],
                      "num_params": sum(p.numel() for p in model.parameters()), "wall_s": time.time() - start}
 
 
