@@ -109,6 +109,7 @@ class TrainConfig:
 class RunConfig:
     dir: str = "runs/default"              # run directory: config, metrics, checkpoints, pictures
     name: Optional[str] = None
+    overwrite: bool = False                # a run.dir holding a run: replace it (else refused unless resumed)
 
 
 @dataclass

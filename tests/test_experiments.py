@@ -62,12 +62,12 @@ def test_quick_profile_trains_through_the_trainer_and_resumes_an_interrupted_tab
     assert "| Model | | RTS |" in table and "ST-CNN | Aff" in table and table.split("\n\n")[1] in printed
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["model"] for r in results) == ["cnn", "fcn", "st-cnn-aff"]
-    assert all(r["num_test"] == 128 and r["test_error"] * 1.28 == pytest.approx(round(r["test_error"] * 1.28))
+    assert all(r["num_test"] == 128 and r["test_error"] * 1.28 == pytest.approx(round(r["test_error"] * 1.28), abs=1e-3)
                for r in results)  # wrong digits of the 128
     for r in results:  # each run is an ordinary Trainer run directory
         run_dir = Path(r["run_dir"])
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [rec["top1"] for rec in records if rec["split"] == "test"][-1] == pytest.approx(1 - r["test_error"] / 100)
+        assert [rec["top1"] for rec in records if rec["split"] == "test"][-1] == pytest.approx(1 - r["test_error"] / 100, abs=1e-6)
         assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "config.yaml").is_file()
         assert any((run_dir / "tb").iterdir())
         assert "distortion: RTS" in (run_dir / "config.yaml").read_text()

@@ -248,3 +248,24 @@ def test_data_distortion_must_match_what_the_shards_hold(shards, tmp_path, capsy
     assert main(digits + ["data.distortion=null"]) == 2
     assert main(digits) == 0  # RTS: each batch distorted afresh to the 42 px the model takes
     assert (tmp_path / "d" / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_run_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(tiny_run(shards, run_dir, "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2")) == 0
+    first = (run_dir / "metrics.jsonl").read_text()
+    best = (run_dir / "checkpoints" / "best.pt").read_bytes()
+    # the same command again: refused in one line, and nothing of the first run is touched
+    assert main(tiny_run(shards, run_dir, "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2")) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: run.dir={run_dir} already holds a run") and "train.resume=auto" in line
+    assert (run_dir / "metrics.jsonl").read_text() == first
+    assert (run_dir / "checkpoints" / "best.pt").read_bytes() == best
+    # resume continues it; run.overwrite=true replaces it
+    assert main(tiny_run(shards, run_dir, "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2",
+                         "train.resume=auto")) == 0
+    assert main(tiny_run(shards, run_dir, "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+                         "run.overwrite=true")) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "setup"] == [0]  # only the new run's lines
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_0000002.pt"]

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.config import Config, per_rank_batch, save_config, to_dict
+from pipeline.config import Config, ConfigError, per_rank_batch, save_config, to_dict
 from pipeline.data.manifest import DataError
 from pipeline.models import build_model
 from pipeline.precision import autocast, resolve_precision
@@ -71,6 +72,21 @@ class Trainer:
         self.evaluator: Optional[Evaluator] = None  # needs the data and the model: set by fit()
         t = cfg.train
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.checkpoint_every, t.keep_checkpoints, t.resume)
+        self.previous_run = self.find_previous_run()
+
+    # Files that mean run.dir already holds a run (what a fresh start would overwrite or mix with).
+    RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "viz", "config.yaml")
+
+    def find_previous_run(self) -> list:
+        """The run files run.dir holds when this run does not continue them; refused unless run.overwrite.
+        Every rank checks before any rank writes, so all refuse together."""
+        if self.cfg.train.resume is not None:
+            return []
+        found = [name for name in self.RUN_FILES if (self.run_dir / name).exists()]
+        if found and not self.cfg.run.overwrite:
+            raise ConfigError(f"run.dir={self.run_dir} already holds a run ({', '.join(found)}): continue it with "
+                              "train.resume=auto, start in another run.dir, or replace it with run.overwrite=true")
+        return found
 
     # ------------------------------------------------------------------ the outline
 
@@ -194,10 +210,14 @@ class Trainer:
         resumed = self.checkpointer.load()
         if resumed is None:
             if self.env.is_main:
-                if self.checkpointer.last.exists():
-                    log.warning("%s holds a previous run's checkpoints; starting afresh over them "
-                                "(train.resume=auto would continue it)", self.run_dir)
+                if self.previous_run:  # run.overwrite=true: the user asked to replace it
+                    log.warning("run.overwrite=true: replacing the run in %s (%s)", self.run_dir,
+                                ", ".join(self.previous_run))
+                    for name in self.previous_run:
+                        path = self.run_dir / name
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
                 save_config(self.cfg, self.run_dir / "config.yaml")
+            barrier(self.env)  # no rank writes into run.dir before it is cleared
             return
         path, state = resumed
         progress = self.checkpointer.unpack(state, self.training_parts(), path, self.cfg.model.name)
