@@ -79,6 +79,8 @@ def _resolve_config(plan: TrialPlan, params: Dict[str, Any], run_dir: Path, resu
     extra = [*trial_overrides(params), f"run.dir={run_dir}"]
     cfg = load_config(plan.base, [*plan.overrides, *extra])
     cfg.train.resume = str(resume) if resume else None
+    # A trial retried without a checkpoint starts its own folder afresh (what it holds is a failed attempt).
+    cfg.run.overwrite = resume is None
     # Tune runs a trial in its own folder: paths the user gave relative to the driver's folder
     # must not change meaning.
     if cfg.data.root and not os.path.isabs(cfg.data.root):
