@@ -15,6 +15,15 @@ COMMANDS = {
     "synthetic-cub": "data_prep.synthetic_cub",
     "digits": "data_prep.digits",
 }
+SUMMARY = {
+    "cub": "CUB-200-2011 as downloaded -> shards (original JPEGs, boxes, 15 parts) + manifest.json",
+    "svhn": "SVHN format 1 (digitStruct.mat) or 2 (*_32x32.mat) -> cropped multi-digit shards + manifest.json",
+    "verify": "re-read every shard of an output folder against its manifest (sizes, sha256, samples)",
+    "synthetic-cub": "draw the demo's CUB-layout bird dataset (no download needed)",
+    "digits": "MNIST / Fashion-MNIST IDX files -> distorted digits (R, RTS, P, E, TC; paper A.3)",
+}
+USAGE = "usage: python -m data_prep <command> [--help | options]\n\ncommands:\n" + "".join(
+    f"  {name:<14} {SUMMARY[name]}\n" for name in COMMANDS)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -23,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown command '{argv[0]}'; commands: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
-        print(f"usage: python -m data_prep {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     module = importlib.import_module(COMMANDS[argv[0]])
     try:

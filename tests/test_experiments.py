@@ -121,3 +121,17 @@ def test_transform_stats_tell_identity_from_zoom():
     stats = transform_stats(model, images, "affine")
     assert stats["sampled_area"] == pytest.approx(0.25, abs=0.01)
     assert stats["grid_shift_px"] == pytest.approx(0.765 * 21 / 2, rel=0.03)
+
+
+def test_help_describes_every_experiment_and_data_prep_command(capsys):
+    from data_prep.__main__ import COMMANDS
+    from data_prep.__main__ import main as data_prep_main
+    from pipeline.experiments.__main__ import EXPERIMENTS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in EXPERIMENTS) and "Table 1" in out
+    assert data_prep_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS) and "IDX" in out
+    assert main([]) == 2 and "usage:" in capsys.readouterr().err  # no experiment named: usage on stderr

@@ -12,6 +12,13 @@ from typing import List, Optional
 from data_prep import DataPrepError
 
 EXPERIMENTS = ("distorted", "window-gradient")
+USAGE = """usage: python -m pipeline.experiments <experiment> [--help | options]
+
+experiments:
+  distorted        the paper's Table 1: FCN, CNN, ST-FCN, ST-CNN on distorted digits, each run through the
+                   trainer (profiles quick, standard, paper); the table, results.json and pictures
+  window-gradient  probe a checkpoint: does the gradient through the sampler point the windows at the object?
+"""
 
 
 def parse_distorted(argv: List[str]) -> argparse.Namespace:
@@ -49,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown experiment '{argv[0]}'; experiments: {', '.join(EXPERIMENTS)}", file=sys.stderr)
             return 2
-        print(f"usage: python -m pipeline.experiments {{{','.join(EXPERIMENTS)}}} ...", file=sys.stderr)
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "window-gradient":
         from .window_gradient import main as window_gradient
