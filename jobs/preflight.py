@@ -53,6 +53,24 @@ def check_data_root(root: Optional[str], splits: Sequence[str], where: str = "da
     return counts[0] if counts else 0
 
 
+def check_weights(cfg) -> None:
+    """Where model.pretrained's weights will come from (a file, the local hub cache, the network),
+    before any allocation: a compute node without network would retry the hub for a minute and die."""
+    from pipeline.models.weights import check_pretrained
+
+    pretrained = cfg.model.pretrained
+    if isinstance(pretrained, str) and pretrained.lower() in ("true", "timm"):
+        pretrained = True
+    if pretrained in (None, False) or cfg.model.name not in ("nxst_cnn", "cub_baseline"):
+        return
+    names = {cfg.model.backbone} | ({cfg.model.loc_backbone} if cfg.model.loc_backbone else set())
+    for name in sorted(names):
+        try:
+            check_pretrained(name, pretrained, probe_network=True)
+        except ValueError as err:
+            raise PreflightError(str(err)) from None
+
+
 def check_train(config: Optional[str], overrides: Sequence[str], world_size: Optional[int] = None):
     """Load and validate the experiment config as the trainer will; check its data and weights."""
     from pipeline.config import ConfigError, load_config, validate
@@ -66,9 +84,7 @@ def check_train(config: Optional[str], overrides: Sequence[str], world_size: Opt
     except ConfigError as err:
         raise PreflightError(str(err)) from None
     num_train = check_data_root(cfg.data.root, [cfg.data.train_split, cfg.data.eval_split])
-    pretrained = cfg.model.pretrained
-    if isinstance(pretrained, str) and pretrained.lower() not in ("true", "timm") and not Path(pretrained).is_file():
-        raise PreflightError(f"model.pretrained={pretrained}: weights file not found")
+    check_weights(cfg)
     print(f"preflight ok: {config}: data.root={cfg.data.root} ({num_train} {cfg.data.train_split} samples), "
           f"run.dir={cfg.run.dir}" + (f", world size {world_size}" if world_size else ""), file=sys.stderr)
     return cfg

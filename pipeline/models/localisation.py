@@ -23,6 +23,8 @@ def create_timm(name: str, pretrained: Any = None, **kwargs: Any) -> nn.Module:
     if pretrained is None or pretrained is False:
         return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained is True:
+        from .weights import check_pretrained
+        check_pretrained(name, True, probe_network=True)  # offline without a cached copy: one line, not a minute of retries
         return timm.create_model(name, pretrained=True, **kwargs)
     if isinstance(pretrained, (str, Path)):
         path = Path(pretrained).expanduser()
