@@ -1,4 +1,4 @@
-"""Loader benchmark (issue 9): the CUB training pipeline against a naive PIL + torchvision baseline.
+"""Loader benchmark: the CUB training pipeline against a naive PIL + torchvision baseline.
 
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/bench_loader.py --out runs/bench/loader.json
 
@@ -44,7 +44,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data import build_train_loader, decode_rgb, normalize, read_manifest  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-GPU_RATE = 1300  # images/s of the 2 x ST-CNN step on one H200 (issue 9's plain reference)
+GPU_RATE = 1300  # images/s of the plain 2 x ST-CNN reference step on one H200 (docs/benchmarks/gpu.md)
 
 
 def cub_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
