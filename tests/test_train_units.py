@@ -273,3 +273,19 @@ def test_channels_last_input_gives_the_same_logits_as_contiguous():
         expected = model(flat)
         got = model.to(memory_format=torch.channels_last)(last)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_trainers_attention_picture_names_true_and_predicted_classes(tmp_path, monkeypatch):
+    import pipeline.train.evaluator as evaluator
+
+    drawn = []
+    real = evaluator.attention_picture
+    monkeypatch.setattr(evaluator, "attention_picture", lambda *a, **k: drawn.append(a) or real(*a, **k))
+    shards = write_tiny_cub_shards(tmp_path / "cub")
+    run(load_config(None, tiny_run(shards, tmp_path / "run", "train.max_steps=1", "train.num_viz=3")))
+    images, boxes, crops, mean, std, path, captions, legend = drawn[0]
+    classes = json.loads((shards / "manifest.json").read_text())["classes"]
+    assert len(captions) == 3 and all(c.startswith("true: ") and "\npred: " in c for c in captions)
+    assert all(c.split("\n")[0][6:] in classes and c.split("\n")[1][6:] in classes for c in captions)
+    assert legend == ["stream 0", "stream 1"] and path.is_file()

@@ -30,7 +30,7 @@ class Evaluator:
         self.metric_name = BEST_METRIC[task]
         self.best: Optional[float] = None
         self.metrics: Optional[Dict[str, Any]] = None
-        self._viz_images: Optional[torch.Tensor] = None
+        self._viz_images: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def due(self, step: int, final: bool) -> bool:
         return step % self.every == 0 or final
@@ -67,23 +67,36 @@ class Evaluator:
         return metrics
 
     def draw_attention(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> None:
+        """The viz images with each stream's window (legend: stream colours), its crops, and per image
+        the true and the predicted class (classification)."""
         from pipeline.data import normalize
-        images = self.viz_images()
+        images, targets = self.viz_images()
         d = self.cfg.data
         with torch.no_grad():
             x = normalize(images.to(self.env.device), d.mean, d.std, memory_format == torch.channels_last)
             out = model.attend(x)
+            captions = None
+            if getattr(model, "task", "classification") == "classification":
+                predicted = model(x).argmax(-1).cpu()
+                captions = [f"true: {self.class_name(t)}\npred: {self.class_name(p)}"
+                            for t, p in zip(targets.tolist(), predicted.tolist())]
+        legend = [f"stream {i}" for i in range(out["boxes"].shape[1])]
         path = attention_picture(images, out["boxes"], out["crops"], d.mean, d.std,
-                                 Path(self.cfg.run.dir) / "viz" / f"step_{step:07d}.png")
+                                 Path(self.cfg.run.dir) / "viz" / f"step_{step:07d}.png", captions, legend)
         self.monitor.add_image("attention", path, step)
 
-    def viz_images(self) -> torch.Tensor:
-        """The first train.num_viz images of the evaluation split (the same ones at every evaluation)."""
+    def class_name(self, index: int) -> str:
+        classes = self.manifest.classes
+        return classes[index] if 0 <= index < len(classes) else str(index)
+
+    def viz_images(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets): the first train.num_viz of the evaluation split (the same at every evaluation)."""
         if self._viz_images is None:
             from pipeline.data import build_eval_loader
             loader = build_eval_loader(self.cfg, self.manifest, self.split, rank=0, world_size=1,
                                        batch_size=self.cfg.train.num_viz, num_workers=0)
-            self._viz_images = next(iter(loader))[0][:self.cfg.train.num_viz]
+            images, targets, _ = next(iter(loader))
+            self._viz_images = (images[:self.cfg.train.num_viz], targets[:self.cfg.train.num_viz])
         return self._viz_images
 
     def state_dict(self) -> Dict[str, Any]:
