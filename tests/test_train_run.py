@@ -269,3 +269,19 @@ def test_a_run_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(shards
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "setup"] == [0]  # only the new run's lines
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_0000002.pt"]
+
+
+def test_a_config_error_comes_before_torch_is_imported():
+    """`python -m pipeline.train` reports a bad key without importing torch (about a second, not ten)."""
+    import subprocess
+
+    from conftest import PYTHON, REPO, subprocess_env
+
+    probe = ("import runpy, sys\nsys.argv = ['pipeline.train', '--config', 'configs/digits/cnn.yaml', 'bad.key=1']\n"
+             "try:\n    runpy.run_module('pipeline.train', run_name='__main__')\nexcept SystemExit as stop:\n"
+             "    print(stop.code, 'torch' in sys.modules)")
+    run = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert run.stdout.split() == ["2", "False"], run.stdout + run.stderr[-2000:]
+    assert run.stderr.strip() == ("error: override: unknown key 'bad'; valid keys of 'top level': data, model, optim, "
+                                  "run, schedule, train")

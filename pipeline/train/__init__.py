@@ -19,14 +19,20 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
+# Only torch-free modules here: `python -m pipeline.train` reports a config error in about a second,
+# before torch is imported; the trainer and the process group come in with run().
 from pipeline.config import Config, ConfigError, load_config, validate
-from pipeline.data import DataError
-from pipeline.train.checkpoint import CheckpointError
-from pipeline.train.distributed import planned_world_size, setup, teardown
+from pipeline.data.manifest import DataError
 from pipeline.train.signals import REQUEUE_EXIT_CODE, Preempted
-from pipeline.train.trainer import NonFiniteLoss, Trainer
 
 __all__ = ["run", "main", "REQUEUE_EXIT_CODE", "INPUT_ERRORS", "Preempted", "NonFiniteLoss", "Trainer"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Trainer", "NonFiniteLoss"):  # imported on first use (they bring torch)
+        from pipeline.train import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(cfg: Config, on_eval: Optional[Callable[[int, Dict[str, Any], Optional[Path]], None]] = None) -> Dict[str, Any]:
@@ -37,6 +43,9 @@ def run(cfg: Config, on_eval: Optional[Callable[[int, Dict[str, Any], Optional[P
     evaluation with the all-reduced metrics. Raises Preempted after a stop signal's checkpoint,
     NonFiniteLoss on a NaN/inf loss, ConfigError / ValueError on bad input.
     """
+    from pipeline.train.distributed import planned_world_size, setup, teardown
+    from pipeline.train.trainer import Trainer
+
     _default_logging()
     validate(cfg, planned_world_size())  # before the rendezvous: a bad batch size fails at once
     env = setup(cfg.train.device)
@@ -56,8 +65,8 @@ def _default_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-# Bad input of any kind (config, data, checkpoint: all ValueErrors) -> `error: ...`, exit 2.
-INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)
+# Bad input of any kind (config, data, checkpoint: all ValueErrors, CheckpointError too) -> `error: ...`, exit 2.
+INPUT_ERRORS = (ConfigError, DataError, ValueError, FileNotFoundError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -67,7 +76,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01 train.max_steps=100")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # torch is not imported yet: a bad key fails in a second
+    except INPUT_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from pipeline.train.trainer import NonFiniteLoss
+    try:
         summary = run(cfg)
     except Preempted as stop:
         print(f"{stop}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued", file=sys.stderr)
