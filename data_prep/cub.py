@@ -35,6 +35,9 @@ METADATA_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_
                   "bounding_boxes.txt", "parts/parts.txt", "parts/part_locs.txt")
 MAX_SHARD_SIZE = 90  # full CUB train (5,994) -> 67 shards: enough for 8 GPUs x 8 loader workers
 MIN_TRAIN_SHARDS = 64
+# A small set gets fewer shards rather than one-sample ones (each costs a tar header, an open and a
+# draw of the resampler; training resamples shards, so no rank needs a shard of its own).
+MIN_SHARD_SIZE = 16
 CHECKS = ("fast", "full")
 
 
@@ -353,7 +356,7 @@ def make_plan(root: str | Path, classes: Any = None, limit: Optional[int] = None
             "key": key, "id": image_id, "file": rel, "class_id": cls, "label": label_of[cls],
             "class_name": name_of[cls], "bbox": boxes[image_id], "parts_json": part_locs[image_id]})
     if shard_size is None:
-        shard_size = max(1, min(MAX_SHARD_SIZE, len(per_split["train"]) // MIN_TRAIN_SHARDS))
+        shard_size = max(MIN_SHARD_SIZE, min(MAX_SHARD_SIZE, len(per_split["train"]) // MIN_TRAIN_SHARDS))
     options = CubOptions(selected, limit, shard_size, skip_missing, check)
     root_str = str(root)
     specs = [spec for split in SPLITS
@@ -468,7 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--classes", default=None, help="1-based class ids, e.g. 1-50 or 1,3,10-20 (default all)")
     parser.add_argument("--limit", type=int, default=None, help="at most N images per split (lowest ids)")
     parser.add_argument("--shard-size", type=int, default=None,
-                        help=f"samples per shard (default: train/{MIN_TRAIN_SHARDS}, at most {MAX_SHARD_SIZE})")
+                        help=f"samples per shard (default: train/{MIN_TRAIN_SHARDS}, {MIN_SHARD_SIZE} to {MAX_SHARD_SIZE})")
     parser.add_argument("--skip-missing", action="store_true",
                         help="leave out (and list in manifest 'skipped') images listed but not on disk")
     parser.add_argument("--check", choices=CHECKS, default="fast",

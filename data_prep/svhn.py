@@ -40,6 +40,9 @@ MAX_DIGITS = 5
 EXPAND = 1.3  # Goodfellow et al.: the union box grown by 30% in x and y
 MAX_SHARD_SIZE = 1000
 MIN_TRAIN_SHARDS = 64
+# A small set gets fewer shards rather than one-sample ones (each costs a tar header, an open and a
+# draw of the resampler; training resamples shards, so no rank needs a shard of its own).
+MIN_SHARD_SIZE = 16
 FIELDS = ("left", "top", "width", "height", "label")
 
 
@@ -152,7 +155,7 @@ def make_plan(root: str | Path, split: Any = "train", size: int = 64, val_from_t
         items[:] = present
     if shard_size is None:
         largest = max(len(items) for _, items in out_splits)
-        shard_size = max(1, min(MAX_SHARD_SIZE, largest // MIN_TRAIN_SHARDS))
+        shard_size = max(MIN_SHARD_SIZE, min(MAX_SHARD_SIZE, largest // MIN_TRAIN_SHARDS))
     options = SvhnOptions(tuple((n, tuple(g)) for n, g in groups), size, val_from_train, seed, limit,
                           shard_size, skip_missing, tuple((s, formats[s][0]) for s in sources))
     context = {"root": str(root), "size": size}
@@ -364,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="1: <split>/digitStruct.mat; 2: <split>_32x32.mat (default: whichever is there)")
     parser.add_argument("--limit", type=int, default=None, help="at most N entries per raw split (the first ones)")
     parser.add_argument("--shard-size", type=int, default=None,
-                        help=f"samples per shard (default: largest split/{MIN_TRAIN_SHARDS}, at most {MAX_SHARD_SIZE})")
+                        help=f"samples per shard (default: largest split/{MIN_TRAIN_SHARDS}, {MIN_SHARD_SIZE} to {MAX_SHARD_SIZE})")
     parser.add_argument("--skip-missing", action="store_true",
                         help="leave out (and list in manifest 'skipped') entries whose image is not on disk")
     add_job_arguments(parser)

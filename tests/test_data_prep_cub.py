@@ -196,3 +196,11 @@ def test_cli_writes_and_verify_passes(cub_root, tmp_path, capsys):
                            "--shard-size", "2"]) == 0
     assert "wrote 0 shard(s), 6 already complete" in capsys.readouterr().err
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+
+def test_a_small_set_gets_fewer_shards_not_one_sample_ones(cub_root, tmp_path):
+    manifest = cub.prepare(cub_root, tmp_path / "out")  # default shard size: train / 64, at least 16
+    for split in manifest["splits"].values():
+        sizes = [shard["num_samples"] for shard in split["shards"]]
+        assert all(size == cub.MIN_SHARD_SIZE for size in sizes[:-1]) and 0 < sizes[-1] <= cub.MIN_SHARD_SIZE
+    assert sum(s["num_samples"] for s in manifest["splits"]["train"]["shards"]) > cub.MIN_SHARD_SIZE  # several shards
