@@ -58,6 +58,16 @@ def dataset(args) -> dict:
             "test": order[:n_test], "train": order[n_test:]}
 
 
+def oracle_crops(x: torch.Tensor, parts: torch.Tensor, size: int) -> torch.Tensor:
+    """Full-resolution crops of half the image side, centred between the crown and the visible wing
+    (moved inside the image)."""
+    wing = torch.where(parts[:, WINGS[0], 2:3] > 0, parts[:, WINGS[0], :2], parts[:, WINGS[1], :2])
+    centre = (parts[:, CROWN, :2] + wing) / 2
+    half = size // 4
+    corner = (centre.round().long() - half).clamp(0, size - 2 * half)
+    return torch.stack([img[:, y:y + 2 * half, x:x + 2 * half] for img, (x, y) in zip(x, corner.tolist())])
+
+
 def score(model, data, index, args) -> dict:
     model.eval()
     correct, hits, centres = 0, [], []
@@ -65,8 +75,10 @@ def score(model, data, index, args) -> dict:
         for start in range(0, len(index), 128):
             batch = index[start:start + 128]
             x = data["x"][batch]
+            if args.oracle_crop:
+                x = oracle_crops(x, data["parts"][batch], args.size)
             correct += (model(x).argmax(1) == data["y"][batch]).sum().item()
-            if args.baseline:
+            if args.baseline or args.oracle_crop:
                 continue
             boxes = model.attend(x)["boxes"]  # (B, N, 4): x0, y0, x1, y1 in [-1, 1]
             parts = data["parts"][batch]
@@ -74,13 +86,14 @@ def score(model, data, index, args) -> dict:
             inside = ((points[:, None, :, 0] >= boxes[..., 0:1]) & (points[:, None, :, 0] <= boxes[..., 2:3])
                       & (points[:, None, :, 1] >= boxes[..., 1:2]) & (points[:, None, :, 1] <= boxes[..., 3:4]))
             wing = torch.where(parts[:, None, WINGS[0], 2] > 0, inside[..., 1], inside[..., 2])
-            hits.append(torch.stack([inside[..., 0], wing], -1).float())
+            hits.append(torch.stack([inside[..., 0], wing, inside[..., 0] & wing], -1).float())
             centres.append((boxes[..., :2] + boxes[..., 2:]) / 2)
     model.train()
     out = {"top1": round(correct / len(index), 4)}
     if hits:
         rate, centre = torch.cat(hits).mean(0), torch.cat(centres)
         out.update(crown=[round(v, 2) for v in rate[:, 0].tolist()], wing=[round(v, 2) for v in rate[:, 1].tolist()],
+                   both=[round(v, 2) for v in rate[:, 2].tolist()],
                    spread=round(centre.std(0).mean().item(), 3))
     return out
 
@@ -93,12 +106,17 @@ def main(argv=None) -> int:
     p.add_argument("--bird-size", type=float, default=1.45)
     p.add_argument("--backbone", default="test_resnet.r160_in1k")
     p.add_argument("--baseline", action="store_true", help="the bare backbone on the image downscaled 2x")
+    p.add_argument("--oracle-crop", action="store_true",
+                   help="the bare backbone on a full-resolution crop centred between the crown and the visible "
+                        "wing (ground-truth parts: an oracle of what a window on the bird can read)")
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loc-scale", type=float, default=0.1, help="localisation lr = lr x this")
     p.add_argument("--loc-freeze", type=int, default=0, help="localisation lr 0 for this many first steps")
     p.add_argument("--loc-downscale", type=int, default=None, help="model.extra.loc_downscale")
+    p.add_argument("--loc-head", default="linear", help="model.extra.loc_head: linear | softargmax")
+    p.add_argument("--loc-spread", type=float, default=1.0, help="model.extra.loc_spread (softargmax prior, cells)")
     p.add_argument("--fd-step", type=float, default=0.0, help="finite-difference window gradient (0: backprop)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="runs/demo_recipe_trials")
@@ -108,10 +126,14 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     kw = dict(backbone=args.backbone, input_size=args.size, crop_size=args.size // 2, num_classes=args.classes,
               dropout=0.2)
-    if args.baseline:
+    if args.oracle_crop:
+        model = create_model("nxst_cnn", num_streams=0, **{**kw, "input_size": args.size // 2})
+    elif args.baseline:
         model = create_model("nxst_cnn", num_streams=0, **kw)
     else:
         extra = {} if args.loc_downscale is None else {"loc_downscale": args.loc_downscale}
+        if args.loc_head != "linear":
+            extra.update(loc_head=args.loc_head, loc_spread=args.loc_spread)
         if args.fd_step:
             extra.update(window_gradient="finite_difference", fd_step=args.fd_step)
         model = create_model("nxst_cnn", num_streams=2, **kw, **extra)
@@ -119,6 +141,8 @@ def main(argv=None) -> int:
               for role, ps in model.parameter_groups().items()]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05)
     print(json.dumps(vars(args)), flush=True)
+    if not (args.baseline or args.oracle_crop):  # the windows the model starts from, scored on the same test images
+        print(json.dumps({"step": 0, **score(model, data, data["test"], args)}), flush=True)
     generator, start = torch.Generator().manual_seed(args.seed), time.time()
     for step in range(args.steps):
         factor = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
@@ -129,7 +153,12 @@ def main(argv=None) -> int:
         x, y = data["x"][batch], data["y"][batch]
         flip = torch.rand(args.batch, generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        logits = model(x, targets=y) if args.fd_step and not args.baseline else model(x)
+        if args.oracle_crop:  # the parts flip with the image
+            parts = data["parts"][batch].clone()
+            parts[flip, :, 0] = args.size - 1 - parts[flip, :, 0]
+            x = oracle_crops(x, parts, args.size)
+        bare = args.baseline or args.oracle_crop
+        logits = model(x, targets=y) if args.fd_step and not bare else model(x)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()

@@ -301,3 +301,54 @@ def test_build_model_refuses_a_set_field_its_model_ignores():
     # a field left at its default is passed over silently, a taken one is used
     cfg = load_config(None, ["model.name=svhn_cnn", "model.input_size=64", "model.extra.width=0.125"])
     assert build_model(cfg.model).input_size == 64
+
+
+def test_softargmax_head_starts_near_the_tiling_for_every_image_and_keeps_windows_inside():
+    model = create_model("nxst_cnn", **{**SMALL["nxst_cnn"], "input_size": 128, "crop_size": 64},
+                         loc_head="softargmax", loc_downscale=1)
+    head = model.transformer.head
+    assert head.cells.shape == (4 * 4, 2)  # test_resnet's stride-32 map of a 128 px input
+    seen = model.attend(_input({"input_size": 128}, batch=3))
+    start = model.transformer.initial_theta()
+    torch.testing.assert_close(seen["theta"], start.expand_as(seen["theta"]), atol=1e-6, rtol=0)
+    assert start[0, 0] < -0.1 and start[1, 0] > 0.1 and start[:, 1].abs().max() < 1e-6  # left | right
+    assert not hasattr(model.transformer.localisation.fc, "weight")  # no unused fc: DDP would refuse it
+    with torch.no_grad():  # whatever the scores, the windows stay inside the image
+        head.score.bias.copy_(torch.tensor([1e4, -1e4]))
+        head.score.weight.normal_(std=50.0)
+    boxes = model.attend(_input({"input_size": 128}, batch=3, seed=1))["boxes"]
+    assert boxes.min() >= -1.0 - 1e-6 and boxes.max() <= 1.0 + 1e-6
+
+
+def test_softargmax_head_finds_a_feature_wherever_it_is():
+    """One 1x1 scorer for every cell: a feature that attracts the window in one corner attracts
+    it in the opposite corner too (a linear head would have to learn each place on its own)."""
+    from pipeline.models.spatial_transformer import SoftArgmaxHead
+
+    head = SoftArgmaxHead(channels=3, map_size=(4, 4), num_windows=1, scale=0.5)
+    with torch.no_grad():
+        head.score.weight.zero_()
+        head.score.weight[0, 2] = 30.0  # channel 2 = "the bird is here"
+    for row, col in [(0, 0), (3, 3), (0, 3)]:
+        feature_map = torch.zeros(1, 3, 4, 4)
+        feature_map[0, 2, row, col] = 1.0
+        centre = head(feature_map)[0, 0]
+        expected = head.cells[row * 4 + col]
+        torch.testing.assert_close(centre, expected, atol=1e-3, rtol=0)
+    assert head.cells.abs().max() <= 0.5  # cell centres pulled in by (1 - scale): windows inside the image
+
+
+def test_softargmax_head_trains_from_finite_differences_and_refuses_other_kinds():
+    torch.manual_seed(0)
+    model = create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_head="softargmax", loc_downscale=1,
+                         window_gradient="finite_difference")  # 64 px: a 2 x 2 map
+    x, y = _input(SMALL["nxst_cnn"], batch=4), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model(x, targets=y), y).backward()
+    head = model.transformer.head
+    assert head.score.weight.grad.abs().sum() > 0 and head.prior.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="loc_head='softargmax' predicts translation windows"):
+        create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_head="softargmax", transform="attention")
+    with pytest.raises(ValueError, match="at least 2 x 2 cells to choose among, got 1 x 1"):
+        create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_head="softargmax")  # 32 px for the localisation net
+    with pytest.raises(ValueError, match="loc_head='peak'"):
+        create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_head="peak")

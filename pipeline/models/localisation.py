@@ -10,7 +10,7 @@ Each exposes `out_features`; the parameter head itself (zero weights, identity/t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import timm
 import torch
@@ -49,20 +49,36 @@ class TrunkLocalisation(nn.Module):
     """
 
     def __init__(self, backbone: str, *, downscale: int = 1, channels: int = 128, hidden: int = 128,
-                 grid: int = 4, pretrained: Any = None, in_chans: int = 3):
+                 grid: int = 4, pretrained: Any = None, in_chans: int = 3, with_fc: bool = True):
         super().__init__()
         self.downscale = int(downscale)
         self.trunk = create_timm(backbone, pretrained, num_classes=0, global_pool="", in_chans=in_chans)
+        self.trunk_in_chans = in_chans
         self.reduce = nn.Conv2d(self.trunk.num_features, channels, 1)
         self.grid = grid
-        self.fc = nn.Linear(channels * grid * grid, hidden)
-        self.out_features = hidden
+        # without_fc: a head that reads the map itself (SoftArgmaxHead) uses `feature_map` only
+        self.fc = nn.Linear(channels * grid * grid, hidden) if with_fc else None
+        self.out_features = hidden if with_fc else channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, channels, h, w): the trunk's last map after the 1x1 reduction, every cell in place."""
         if self.downscale > 1:
             x = F.avg_pool2d(x, self.downscale)
-        x = F.relu(self.reduce(self.trunk(x)))
-        return F.relu(self.fc(F.adaptive_avg_pool2d(x, self.grid).flatten(1)))
+        return F.relu(self.reduce(self.trunk(x)))
+
+    def map_size(self, input_size: int) -> Tuple[int, int]:
+        """(h, w) of `feature_map` for a square input of `input_size` (one dry run in eval mode)."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            h, w = self.feature_map(torch.zeros(1, self.trunk_in_chans, input_size, input_size)).shape[-2:]
+        self.train(was_training)
+        return int(h), int(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc is None:
+            raise RuntimeError("TrunkLocalisation(with_fc=False) gives feature_map(x) only")
+        return F.relu(self.fc(F.adaptive_avg_pool2d(self.feature_map(x), self.grid).flatten(1)))
 
 
 class ConvLocalisation(nn.Module):

@@ -31,7 +31,8 @@ class NxSTCNN(nn.Module):
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
                  num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
                  padding_mode: str = "zeros", loc_downscale: Optional[int] = None,
-                 window_gradient: str = "sampler", fd_step: float = 0.125):
+                 window_gradient: str = "sampler", fd_step: float = 0.125, loc_head: str = "linear",
+                 loc_spread: float = 1.0):
         super().__init__()
         if window_gradient not in ("sampler", "finite_difference"):
             raise ValueError(f"window_gradient={window_gradient!r} is not one of sampler, finite_difference")
@@ -57,11 +58,18 @@ class NxSTCNN(nn.Module):
         downscale = max(1, round(input_size / crop_size)) if loc_downscale is None else int(loc_downscale)
         if downscale < 1:
             raise ValueError(f"loc_downscale={loc_downscale} must be >= 1")
+        if loc_head not in ("linear", "softargmax"):
+            raise ValueError(f"loc_head={loc_head!r} is not one of linear, softargmax")
+        soft = loc_head == "softargmax"
+        if soft and transform != "translation":
+            raise ValueError(f"loc_head='softargmax' predicts translation windows, not transform '{transform}'")
         localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
-                                         pretrained=loc_pretrained)
-        self.transformer = SpatialTransformer(localisation, localisation.out_features, transform, crop_size,
-                                              num_transforms=num_streams, scale=transform_scale, bound=bound,
-                                              num_control_points=num_control_points, padding_mode=padding_mode)
+                                         pretrained=loc_pretrained, with_fc=not soft)
+        self.transformer = SpatialTransformer(
+            localisation, localisation.out_features, transform, crop_size, num_transforms=num_streams,
+            scale=transform_scale, bound=None if soft else bound, num_control_points=num_control_points,
+            padding_mode=padding_mode, head=loc_head, spread=loc_spread,
+            map_size=localisation.map_size(input_size) if soft else None)
         self.streams = nn.ModuleList(create_timm(backbone, pretrained, num_classes=0) for _ in range(num_streams))
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(sum(s.num_features for s in self.streams), num_classes)
@@ -77,7 +85,7 @@ class NxSTCNN(nn.Module):
             crops, _ = self.transformer(x)
             return self.classify(crops)
         st = self.transformer
-        room = 1.0 - st.scale if st.bound == "tanh" and st.kind == "translation" else None
+        room = st.window_room()
 
         def losses_at(theta: torch.Tensor) -> torch.Tensor:
             if room is not None:  # the perturbed windows stay inside the image, as the bound keeps them
@@ -186,7 +194,9 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     loss over `fd_step`, default 0.125 = 8 px of a 128 px input; see `finite_difference_theta`; for
     class details too fine for the sampler's gradient), `loc_downscale` (the localisation trunk's
     input is the input average-pooled by this factor; default input_size / crop_size, the paper's
-    448 -> 224), `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
+    448 -> 224), `loc_head` ("linear": the paper's fc regression from the pooled map; "softargmax":
+    translation windows at the softmax-weighted mean of the map's cells, scored by one 1x1 conv,
+    see `SoftArgmaxHead`; `loc_spread`: its starting prior's width in cells), `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
     input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
     """
     if num_streams == 0:

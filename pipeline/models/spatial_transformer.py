@@ -299,6 +299,51 @@ def tiling_windows(num: int, scale: float) -> torch.Tensor:
     return torch.cat([torch.full((num, 1), float(scale), dtype=torch.float64), centres], 1)
 
 
+class SoftArgmaxHead(nn.Module):
+    """Translation windows at the expected place of a softmax over the cells of a feature map.
+
+    A 1x1 conv scores every cell of the localisation map, one score map per window; a window's
+    centre is the softmax-weighted mean of the cell centres, pulled in by (1 - scale) so that
+    every window lies inside the image without a bound. The score is one function of the features,
+    applied at every cell: what the net learns to find in one place it finds everywhere, where a
+    fully connected head has to learn each place on its own. A learnt prior per window and cell, a
+    Gaussian of `spread` cells around the window's tiling centre, starts the windows near the
+    tiling while leaving weight on every cell, so a window can be drawn anywhere from the start.
+    """
+
+    def __init__(self, channels: int, map_size: Tuple[int, int], num_windows: int, scale: float,
+                 spread: float = 1.0):
+        super().__init__()
+        if not 0.0 < scale < 1.0:
+            raise ValueError(f"the soft-argmax head needs a window scale in (0, 1), got scale={scale}")
+        if not spread > 0:
+            raise ValueError(f"soft-argmax spread={spread} must be > 0 (cells)")
+        h, w = map_size
+        if min(h, w) < 2:
+            raise ValueError(f"the soft-argmax head needs a localisation map of at least 2 x 2 cells to choose "
+                             f"among, got {h} x {w}: give the localisation net a larger input (loc_downscale)")
+        self.score = nn.Conv2d(channels, num_windows, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+        cy, cx = torch.meshgrid(_linspace(h, False, torch.float64, None), _linspace(w, False, torch.float64, None),
+                                indexing="ij")
+        cells = torch.stack([cx.reshape(-1), cy.reshape(-1)], -1) * (1.0 - scale)  # (h*w, 2), x then y
+        start = tiling_windows(num_windows, scale)[:, 1:]  # (N, 2)
+        cell_side = 2.0 * (1.0 - scale) / max(h, w)
+        distance2 = ((cells[None] - start[:, None]) ** 2).sum(-1) / cell_side ** 2
+        self.register_buffer("cells", cells.float())
+        self.prior = nn.Parameter((-0.5 * distance2 / spread ** 2).float())  # (N, h*w)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2) window centres from the map (B, C, h, w)."""
+        logits = self.score(feature_map).flatten(2) + self.prior
+        return torch.softmax(logits, -1) @ self.cells
+
+    def initial_centres(self) -> torch.Tensor:
+        """(N, 2): where the windows start (for any input: the scores start at zero)."""
+        return torch.softmax(self.prior.detach(), -1) @ self.cells
+
+
 class SpatialTransformer(nn.Module):
     """Localisation net -> parameter head -> `warp`, for N transforms predicted by one localisation net.
 
@@ -311,9 +356,15 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, localisation: nn.Module, features: int, kind: str, out_size: Size, *,
                  num_transforms: int = 1, scale: float = 0.5, num_control_points: int = 16,
-                 bound: Optional[str] = None, align_corners: bool = False, padding_mode: str = "zeros"):
+                 bound: Optional[str] = None, align_corners: bool = False, padding_mode: str = "zeros",
+                 head: str = "linear", map_size: Optional[Tuple[int, int]] = None, spread: float = 1.0):
         super().__init__()
         _check_kind(kind)
+        if head not in ("linear", "softargmax"):
+            raise ValueError(f"head={head!r} is not one of linear, softargmax")
+        if head == "softargmax" and (kind != "translation" or bound is not None or map_size is None):
+            raise ValueError("the softargmax head predicts translation windows from a feature map: it needs "
+                             f"kind='translation' (got '{kind}'), bound=None (got {bound!r}) and map_size")
         if bound not in (None, "tanh"):
             raise ValueError(f"bound={bound!r} is not one of None, 'tanh'")
         if bound and kind not in ("translation", "attention"):
@@ -324,23 +375,39 @@ class SpatialTransformer(nn.Module):
         self.kind, self.out_size, self.scale, self.bound = kind, _pair(out_size), float(scale), bound
         self.num_transforms, self.num_control_points = num_transforms, num_control_points
         self.align_corners, self.padding_mode = align_corners, padding_mode
-        self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
+        self.head_kind = head
+        if head == "softargmax":
+            self.head = SoftArgmaxHead(features, map_size, num_transforms, scale, spread)
+        else:
+            self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
         # The TPS map of this fixed output grid, solved once; not saved in checkpoints.
         basis = None
         if kind == "tps":
             points = base_grid(self.out_size, align_corners=align_corners, dtype=torch.float64).reshape(-1, 2)
             basis = tps_weights(points, num_control_points).float()
         self.register_buffer("tps_basis", basis, persistent=False)
-        nn.init.zeros_(self.head.weight)
-        with torch.no_grad():
-            self.head.bias.copy_(self._raw_from_windows(tiling_windows(num_transforms, scale)).reshape(-1))
+        if head == "linear":
+            nn.init.zeros_(self.head.weight)
+            with torch.no_grad():
+                self.head.bias.copy_(self._raw_from_windows(tiling_windows(num_transforms, scale)).reshape(-1))
 
     def initial_theta(self) -> torch.Tensor:
         """(N, *theta_shape) transforms the module predicts at initialisation (for any input)."""
+        if self.head_kind == "softargmax":
+            return self.head.initial_centres()
         return self._bounded(self.head.bias.detach().reshape(1, self.num_transforms, -1))[0]
+
+    def window_room(self) -> Optional[float]:
+        """How far a translation window's centre may go from the middle (1 - scale), if it is bounded."""
+        bounded = (self.bound == "tanh" and self.kind == "translation") or self.head_kind == "softargmax"
+        return 1.0 - self.scale if bounded else None
 
     def predict(self, loc_input: torch.Tensor) -> torch.Tensor:
         """Transform parameters (B, N, *theta_shape) from the localisation input."""
+        if self.head_kind == "softargmax":
+            feature_map = self.localisation.feature_map(loc_input)
+            with torch.autocast(device_type=feature_map.device.type, enabled=False):
+                return self.head(feature_map.to(self.head.prior.dtype))
         features = self.localisation(loc_input)
         # The regression runs in the head's own dtype (float32 under autocast): in bf16 a window
         # position would be rounded to about 1/256 of the image, a pixel or more at 448 px.
