@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--loc-downscale", type=int, default=None, help="model.extra.loc_downscale")
     p.add_argument("--loc-head", default="linear", help="model.extra.loc_head: linear | softargmax")
     p.add_argument("--loc-spread", type=float, default=1.0, help="model.extra.loc_spread (softargmax prior, cells)")
+    p.add_argument("--loc-stride", type=int, default=None, help="model.extra.loc_stride")
     p.add_argument("--fd-step", type=float, default=0.0, help="finite-difference window gradient (0: backprop)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="runs/demo_recipe_trials")
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
         extra = {} if args.loc_downscale is None else {"loc_downscale": args.loc_downscale}
         if args.loc_head != "linear":
             extra.update(loc_head=args.loc_head, loc_spread=args.loc_spread)
+        if args.loc_stride:
+            extra.update(loc_stride=args.loc_stride)
         if args.fd_step:
             extra.update(window_gradient="finite_difference", fd_step=args.fd_step)
         model = create_model("nxst_cnn", num_streams=2, **kw, **extra)

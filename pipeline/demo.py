@@ -108,20 +108,71 @@ def _class_caption(name: str) -> str:
     return name.split(".", 1)[-1].replace("_", " ")
 
 
-def initial_part_hit_rate(cfg) -> List[dict]:
-    """Part hit-rates of the windows a model of config `cfg` starts from (its localisation head
-    predicts the same tiling for every image at initialisation), scored on the test split like the
-    trained ones."""
+def initial_model(cfg):
+    """The model of config `cfg` as training starts it: its windows are the same for every image."""
     import torch
 
-    from pipeline.data import read_manifest
-    from pipeline.evaluation import evaluate
     from pipeline.models import build_model
 
     torch.manual_seed(cfg.train.seed)
-    fresh = build_model(cfg.model).eval()
+    return build_model(cfg.model).eval()
+
+
+def initial_part_hit_rate(cfg, fresh=None) -> List[dict]:
+    """Part hit-rates (every part) of the windows a model of config `cfg` starts from, scored on
+    the test split like the trained ones."""
+    from pipeline.data import read_manifest
+    from pipeline.evaluation import evaluate
+
+    fresh = initial_model(cfg) if fresh is None else fresh
     metrics = evaluate(fresh, cfg, read_manifest(cfg.data.root), "test", "cpu", num_workers=0)
     return metrics.get("part_hit_rate") or []
+
+
+def detail_part_groups(raw: Path, part_names: Sequence[str]) -> Dict[str, List[str]]:
+    """The parts that decide the class of the generated birds, from the generator's own record:
+    {"crown": ["crown"], "wing": ["left wing", "right wing"]} (the visible one of a pair counts)."""
+    from data_prep import synthetic_cub
+
+    detail = json.loads((raw / synthetic_cub.MANIFEST_NAME).read_text())["detail_parts"]
+    groups = {name: [p for p in part_names if p == name or p.endswith(" " + name)] for name in detail.values()}
+    missing = [name for name, members in groups.items() if not members]
+    if missing:
+        raise ValueError(f"{raw}: detail part(s) {', '.join(missing)} are not among the data set's parts")
+    return groups
+
+
+def detail_hit_rates(model, cfg, groups: Dict[str, List[str]]) -> List[Dict[str, float]]:
+    """Per stream, over the test images: the fraction whose window holds each class-deciding part
+    (a group counts when one of its visible points is inside) and all of them at once ("all").
+    Boxes and parts score the windows only; the model never sees them."""
+    import torch
+
+    from pipeline.data import build_eval_loader, normalize, read_manifest
+    from pipeline.evaluation import part_points
+
+    manifest = read_manifest(cfg.data.root)
+    index = {name: [manifest.parts.index(p) for p in members] for name, members in groups.items()}
+    hits: Dict[str, List[torch.Tensor]] = {name: [] for name in [*groups, "all"]}
+    loader = build_eval_loader(cfg, manifest, "test", rank=0, world_size=1, batch_size=64, num_workers=0)
+    with torch.no_grad():
+        for images, _, metas in loader:
+            boxes = model.attend(normalize(images, cfg.data.mean, cfg.data.std))["boxes"].double()  # (B, N, 4)
+            points, visible = part_points(metas, len(manifest.parts))  # (B, P, 2), (B, P)
+            x, y = points[:, None, :, 0], points[:, None, :, 1]
+            inside = ((x >= boxes[..., 0:1]) & (x <= boxes[..., 2:3]) & (y >= boxes[..., 1:2])
+                      & (y <= boxes[..., 3:4]) & visible[:, None])  # (B, N, P)
+            group_hit, group_seen = [], []
+            for name, members in index.items():
+                seen = visible[:, members].any(1)  # (B,)
+                hit = inside[..., members].any(-1)  # (B, N)
+                hits[name].append(hit[seen].double())
+                group_hit.append(hit)
+                group_seen.append(seen)
+            every = torch.stack(group_seen).all(0)
+            hits["all"].append(torch.stack(group_hit).all(0)[every].double())
+    rates = {name: torch.cat(h).mean(0) for name, h in hits.items()}
+    return [{name: round(float(r[k]), 4) for name, r in rates.items()} for k in range(len(rates["all"]))]
 
 
 def draw_attention(model, cfg, path: Path, count: int = 6) -> Path:
@@ -166,14 +217,33 @@ def _per_stream(rates: List[dict]) -> Dict[str, dict]:
     return {f"stream_{i}": {part: round(v, 4) for part, v in r.items()} for i, r in enumerate(rates)}
 
 
-def write_report_json(out: Path, metrics: dict, initial_hits: List[dict], baseline: Optional[dict]) -> Path:
-    """demo_out/report.json: what the demo found, for programs (fractions in [0, 1])."""
+# The attention goal per stream: the window holds all the class-deciding parts on at least this
+# share of test images, and on this much more than the initial windows do.
+GOAL_HIT_RATE, GOAL_GAIN = 0.8, 0.3
+
+
+def attention_goal(detail: List[dict], initial_detail: List[dict]) -> Dict[str, bool]:
+    return {f"stream_{i}": bool(d["all"] >= GOAL_HIT_RATE and d["all"] - d0["all"] >= GOAL_GAIN)
+            for i, (d, d0) in enumerate(zip(detail, initial_detail))}
+
+
+def write_report_json(out: Path, metrics: dict, initial_hits: List[dict], baseline: Optional[dict],
+                      detail: Sequence[dict] = (), initial_detail: Sequence[dict] = ()) -> Path:
+    """demo_out/report.json: what the demo found, for programs (fractions in [0, 1]).
+
+    `part_hit_rate` scores the class-deciding parts (per stream: crown, wing, and "all" = both in
+    the window at once); `all_parts_hit_rate` every annotated part; `initial_*` the same for the
+    windows the model started from."""
     from data_prep.shards import write_json_atomic
 
     windows = (metrics.get("windows") or {}).get("streams") or []
     report = {"st": {"top1": metrics.get("top1"), "num_samples": metrics.get("num_samples"),
-                     "part_hit_rate": _per_stream(metrics.get("part_hit_rate") or []),
-                     "initial_part_hit_rate": _per_stream(initial_hits),
+                     "part_hit_rate": _per_stream(list(detail)),
+                     "initial_part_hit_rate": _per_stream(list(initial_detail)),
+                     "attention_goal": {"rule": f"all >= {GOAL_HIT_RATE} and all - initial all >= {GOAL_GAIN}",
+                                        "met": attention_goal(list(detail), list(initial_detail))},
+                     "all_parts_hit_rate": _per_stream(metrics.get("part_hit_rate") or []),
+                     "initial_all_parts_hit_rate": _per_stream(initial_hits),
                      "windows": windows},
               "baseline": None if baseline is None else {"top1": baseline.get("top1"),
                                                          "num_samples": baseline.get("num_samples")}}
@@ -182,8 +252,21 @@ def write_report_json(out: Path, metrics: dict, initial_hits: List[dict], baseli
     return path
 
 
+def _detail_table(detail: Sequence[dict], initial_detail: Sequence[dict]) -> List[str]:
+    if not detail:
+        return []
+    names = list(detail[0])
+    lines = ["Class-deciding parts: the fraction of test images whose window holds the part ('all': every "
+             "one of them at once); in brackets, the initial windows'.", "",
+             "| stream | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {i} | " + " | ".join(f"{d[n]:.2f} ({d0[n]:.2f})" for n in names) + " |"
+              for i, (d, d0) in enumerate(zip(detail, initial_detail))]
+    return lines + [""]
+
+
 def write_report(out: Path, run_dir: Path, metrics: dict, baseline: Optional[dict], seconds: float,
-                 initial_hits: Sequence[dict] = (), picture: Optional[Path] = None) -> Path:
+                 initial_hits: Sequence[dict] = (), picture: Optional[Path] = None,
+                 detail: Sequence[dict] = (), initial_detail: Sequence[dict] = ()) -> Path:
     pictures = [picture] if picture else sorted((run_dir / "viz").glob("*.png"))[-1:]
     lines = ["# Demo report", "",
              f"- test accuracy (2xST-CNN): **{metrics.get('top1', float('nan')):.3f}** on {metrics.get('num_samples')} images"]
@@ -193,7 +276,7 @@ def write_report(out: Path, run_dir: Path, metrics: dict, baseline: Optional[dic
               f"- metrics: {run_dir / 'metrics.jsonl'}", f"- checkpoints: {run_dir / 'checkpoints'}",
               f"- attention picture: {', '.join(str(p) for p in pictures) or 'none'}",
               f"- for programs: {out / 'report.json'}", ""]
-    table = _stream_tables(metrics, initial_hits)
+    table = _detail_table(detail, initial_detail) + _stream_tables(metrics, initial_hits)
     if table:
         lines += ["## Per-stream attention", ""] + table + [""]
     lines += ["## All metrics", "", "```json", json.dumps(metrics, indent=1), "```", ""]
@@ -225,17 +308,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir = args.out / "run"
     train(DEMO_CONFIG, shards, run_dir, args.nproc, overrides)
     metrics = evaluate(run_dir)
+    from pipeline.data import read_manifest
     from pipeline.evaluate import load_model
     model, cfg, _ = load_model(_best_checkpoint(run_dir))
-    initial_hits = initial_part_hit_rate(cfg)
+    fresh = initial_model(cfg)
+    initial_hits = initial_part_hit_rate(cfg, fresh)
+    groups = detail_part_groups(args.out / "raw", read_manifest(cfg.data.root).parts)
+    detail, initial_detail = detail_hit_rates(model.eval(), cfg, groups), detail_hit_rates(fresh, cfg, groups)
     picture = draw_attention(model, cfg, args.out / "attention.png")
     baseline = None
     if args.baseline:
         base_dir = args.out / "run_baseline"
         train(BASELINE_CONFIG, shards, base_dir, args.nproc, overrides)
         baseline = evaluate(base_dir)
-    write_report_json(args.out, metrics, initial_hits, baseline)
-    report = write_report(args.out, run_dir, metrics, baseline, time.time() - start, initial_hits, picture)
+    write_report_json(args.out, metrics, initial_hits, baseline, detail, initial_detail)
+    report = write_report(args.out, run_dir, metrics, baseline, time.time() - start, initial_hits, picture,
+                          detail, initial_detail)
     _stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(report.read_text())
     return 0

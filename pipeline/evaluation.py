@@ -45,7 +45,7 @@ def _eval_batch(cfg: Config, world_size: int) -> int:
     return cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world_size)
 
 
-def _part_points(metas: List[dict], num_parts: int):
+def part_points(metas: List[dict], num_parts: int):
     """(B, P, 2) part positions in [-1, 1] input coordinates and (B, P) visibility from eval metas.
 
     A part counts as visible when annotated visible and inside the centre view the model saw.
@@ -88,7 +88,7 @@ class _Scorer:
         if self.windows is not None:
             self.windows.update(boxes)
         if self.parts is not None:
-            points, visible = _part_points(metas, len(self.parts.part_names))
+            points, visible = part_points(metas, len(self.parts.part_names))
             self.parts.update(boxes, points, visible)
 
     def all_sums(self) -> List[Sums]:

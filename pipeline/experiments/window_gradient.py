@@ -33,14 +33,14 @@ STEPS = (0.0625, 0.125, 0.25)
 def _batch(cfg, limit: int):
     """(images uint8, targets, bird centres (B, 2) in [-1, 1]) of the first `limit` test images."""
     from pipeline.data import build_eval_loader, read_manifest
-    from pipeline.evaluation import _part_points
+    from pipeline.evaluation import part_points
 
     manifest = read_manifest(cfg.data.root)
     loader = build_eval_loader(cfg, manifest, cfg.data.eval_split, rank=0, world_size=1, batch_size=64,
                                num_workers=0)
     images, targets, centres = [], [], []
     for x, y, metas in loader:
-        points, visible = _part_points(metas, len(manifest.parts))
+        points, visible = part_points(metas, len(manifest.parts))
         keep = visible.any(1)
         weights = visible.double().unsqueeze(-1)
         centres.append(((points * weights).sum(1) / weights.sum(1).clamp(min=1))[keep].float())

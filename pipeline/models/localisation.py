@@ -10,7 +10,7 @@ Each exposes `out_features`; the parameter head itself (zero weights, identity/t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -49,12 +49,25 @@ class TrunkLocalisation(nn.Module):
     """
 
     def __init__(self, backbone: str, *, downscale: int = 1, channels: int = 128, hidden: int = 128,
-                 grid: int = 4, pretrained: Any = None, in_chans: int = 3, with_fc: bool = True):
+                 grid: int = 4, pretrained: Any = None, in_chans: int = 3, with_fc: bool = True,
+                 stride: Optional[int] = None):
         super().__init__()
         self.downscale = int(downscale)
-        self.trunk = create_timm(backbone, pretrained, num_classes=0, global_pool="", in_chans=in_chans)
         self.trunk_in_chans = in_chans
-        self.reduce = nn.Conv2d(self.trunk.num_features, channels, 1)
+        if stride is None:  # the trunk's last map (stride 32 for most timm backbones)
+            self.trunk = create_timm(backbone, pretrained, num_classes=0, global_pool="", in_chans=in_chans)
+            trunk_channels, self.cut = self.trunk.num_features, False
+        else:  # an earlier, finer map: the trunk stops at the stage of that stride
+            probe = timm.create_model(backbone, pretrained=False, features_only=True)
+            strides = list(probe.feature_info.reduction())
+            if stride not in strides:
+                raise ValueError(f"loc_stride={stride}: '{backbone}' has feature maps of stride "
+                                 f"{', '.join(map(str, strides))}")
+            index = strides.index(stride)
+            self.trunk = create_timm(backbone, pretrained, features_only=True, out_indices=(index,),
+                                     in_chans=in_chans)
+            trunk_channels, self.cut = probe.feature_info.channels()[index], True
+        self.reduce = nn.Conv2d(trunk_channels, channels, 1)
         self.grid = grid
         # without_fc: a head that reads the map itself (SoftArgmaxHead) uses `feature_map` only
         self.fc = nn.Linear(channels * grid * grid, hidden) if with_fc else None
@@ -64,7 +77,8 @@ class TrunkLocalisation(nn.Module):
         """(B, channels, h, w): the trunk's last map after the 1x1 reduction, every cell in place."""
         if self.downscale > 1:
             x = F.avg_pool2d(x, self.downscale)
-        return F.relu(self.reduce(self.trunk(x)))
+        features = self.trunk(x)
+        return F.relu(self.reduce(features[-1] if self.cut else features))
 
     def map_size(self, input_size: int) -> Tuple[int, int]:
         """(h, w) of `feature_map` for a square input of `input_size` (one dry run in eval mode)."""

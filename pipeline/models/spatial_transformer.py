@@ -306,7 +306,8 @@ class SoftArgmaxHead(nn.Module):
     centre is the softmax-weighted mean of the cell centres, pulled in by (1 - scale) so that
     every window lies inside the image without a bound. The score is one function of the features,
     applied at every cell: what the net learns to find in one place it finds everywhere, where a
-    fully connected head has to learn each place on its own. A learnt prior per window and cell, a
+    fully connected head has to learn each place on its own. The cells are spread over every place
+    a window can take, corner cells at the image's corners. A learnt prior per window and cell, a
     Gaussian of `spread` cells around the window's tiling centre, starts the windows near the
     tiling while leaving weight on every cell, so a window can be drawn anywhere from the start.
     """
@@ -325,11 +326,13 @@ class SoftArgmaxHead(nn.Module):
         self.score = nn.Conv2d(channels, num_windows, 1)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
-        cy, cx = torch.meshgrid(_linspace(h, False, torch.float64, None), _linspace(w, False, torch.float64, None),
+        # The corner cells stand for the windows at the image's corners: the map spans every place a
+        # window can take (cell centres scaled by 1 - s would keep windows off the borders).
+        cy, cx = torch.meshgrid(_linspace(h, True, torch.float64, None), _linspace(w, True, torch.float64, None),
                                 indexing="ij")
         cells = torch.stack([cx.reshape(-1), cy.reshape(-1)], -1) * (1.0 - scale)  # (h*w, 2), x then y
         start = tiling_windows(num_windows, scale)[:, 1:]  # (N, 2)
-        cell_side = 2.0 * (1.0 - scale) / max(h, w)
+        cell_side = 2.0 * (1.0 - scale) / max(max(h, w) - 1, 1)
         distance2 = ((cells[None] - start[:, None]) ** 2).sum(-1) / cell_side ** 2
         self.register_buffer("cells", cells.float())
         self.prior = nn.Parameter((-0.5 * distance2 / spread ** 2).float())  # (N, h*w)
