@@ -117,9 +117,11 @@ def main(argv=None) -> int:
     p.add_argument("--loc-downscale", type=int, default=None, help="model.extra.loc_downscale")
     p.add_argument("--loc-head", default="linear", help="model.extra.loc_head: linear | softargmax")
     p.add_argument("--loc-spread", type=float, default=1.0, help="model.extra.loc_spread (softargmax prior, cells)")
+    p.add_argument("--loc-sharpness", type=float, default=1.0, help="model.extra.loc_sharpness")
     p.add_argument("--loc-stride", type=int, default=None, help="model.extra.loc_stride")
     p.add_argument("--fd-step", type=float, default=0.0, help="finite-difference window gradient (0: backprop)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", help="write the trained model's state dict here")
     p.add_argument("--cache", default="runs/demo_recipe_trials")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     else:
         extra = {} if args.loc_downscale is None else {"loc_downscale": args.loc_downscale}
         if args.loc_head != "linear":
-            extra.update(loc_head=args.loc_head, loc_spread=args.loc_spread)
+            extra.update(loc_head=args.loc_head, loc_spread=args.loc_spread, loc_sharpness=args.loc_sharpness)
         if args.loc_stride:
             extra.update(loc_stride=args.loc_stride)
         if args.fd_step:
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
         if (step + 1) % max(1, args.steps // 4) == 0:
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 3), "seconds": round(time.time() - start),
                               **score(model, data, data["test"], args)}), flush=True)
+    if args.save:
+        torch.save(model.state_dict(), args.save)
     return 0
 
 

@@ -352,3 +352,13 @@ def test_softargmax_head_trains_from_finite_differences_and_refuses_other_kinds(
         create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_head="softargmax")  # 32 px for the localisation net
     with pytest.raises(ValueError, match="loc_head='peak'"):
         create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_head="peak")
+
+
+def test_loc_stride_cuts_the_localisation_trunk_at_a_finer_map():
+    kw = dict(SMALL["nxst_cnn"], input_size=128, crop_size=64, loc_head="softargmax", loc_downscale=1)
+    assert create_model("nxst_cnn", **kw).transformer.head.cells.shape == (4 * 4, 2)  # stride 32
+    fine = create_model("nxst_cnn", **kw, loc_stride=16)
+    assert fine.transformer.head.cells.shape == (8 * 8, 2)
+    assert fine.attend(_input({"input_size": 128}))["theta"].shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="loc_stride=12: 'test_resnet' has feature maps of stride 2, 4, 8, 16, 32"):
+        create_model("nxst_cnn", **kw, loc_stride=12)

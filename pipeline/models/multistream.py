@@ -32,7 +32,7 @@ class NxSTCNN(nn.Module):
                  num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
                  padding_mode: str = "zeros", loc_downscale: Optional[int] = None,
                  window_gradient: str = "sampler", fd_step: float = 0.125, loc_head: str = "linear",
-                 loc_spread: float = 1.0, loc_stride: Optional[int] = None):
+                 loc_spread: float = 1.0, loc_sharpness: float = 1.0, loc_stride: Optional[int] = None):
         super().__init__()
         if window_gradient not in ("sampler", "finite_difference"):
             raise ValueError(f"window_gradient={window_gradient!r} is not one of sampler, finite_difference")
@@ -68,7 +68,7 @@ class NxSTCNN(nn.Module):
         self.transformer = SpatialTransformer(
             localisation, localisation.out_features, transform, crop_size, num_transforms=num_streams,
             scale=transform_scale, bound=None if soft else bound, num_control_points=num_control_points,
-            padding_mode=padding_mode, head=loc_head, spread=loc_spread,
+            padding_mode=padding_mode, head=loc_head, spread=loc_spread, sharpness=loc_sharpness,
             map_size=localisation.map_size(input_size) if soft else None)
         self.streams = nn.ModuleList(create_timm(backbone, pretrained, num_classes=0) for _ in range(num_streams))
         self.dropout = nn.Dropout(dropout)
@@ -196,7 +196,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     input is the input average-pooled by this factor; default input_size / crop_size, the paper's
     448 -> 224), `loc_head` ("linear": the paper's fc regression from the pooled map; "softargmax":
     translation windows at the softmax-weighted mean of the map's cells, scored by one 1x1 conv,
-    see `SoftArgmaxHead`; `loc_spread`: its starting prior's width in cells), `loc_stride` (the
+    see `SoftArgmaxHead`; `loc_spread`: its starting prior's width in cells; `loc_sharpness`: a
+    factor on its scores, which lets the softmax peak sooner), `loc_stride` (the
     localisation map's stride, e.g. 16: the trunk stops at that stage, a finer map than its last),
     `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
     input is the mean colour; "border" repeats the edge; bounded windows never leave the image).

@@ -313,7 +313,7 @@ class SoftArgmaxHead(nn.Module):
     """
 
     def __init__(self, channels: int, map_size: Tuple[int, int], num_windows: int, scale: float,
-                 spread: float = 1.0):
+                 spread: float = 1.0, sharpness: float = 1.0):
         super().__init__()
         if not 0.0 < scale < 1.0:
             raise ValueError(f"the soft-argmax head needs a window scale in (0, 1), got scale={scale}")
@@ -323,6 +323,9 @@ class SoftArgmaxHead(nn.Module):
         if min(h, w) < 2:
             raise ValueError(f"the soft-argmax head needs a localisation map of at least 2 x 2 cells to choose "
                              f"among, got {h} x {w}: give the localisation net a larger input (loc_downscale)")
+        if not sharpness > 0:
+            raise ValueError(f"soft-argmax sharpness={sharpness} must be > 0")
+        self.sharpness = float(sharpness)
         self.score = nn.Conv2d(channels, num_windows, 1)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
@@ -339,7 +342,7 @@ class SoftArgmaxHead(nn.Module):
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) window centres from the map (B, C, h, w)."""
-        logits = self.score(feature_map).flatten(2) + self.prior
+        logits = self.sharpness * self.score(feature_map).flatten(2) + self.prior
         return torch.softmax(logits, -1) @ self.cells
 
     def initial_centres(self) -> torch.Tensor:
@@ -360,7 +363,8 @@ class SpatialTransformer(nn.Module):
     def __init__(self, localisation: nn.Module, features: int, kind: str, out_size: Size, *,
                  num_transforms: int = 1, scale: float = 0.5, num_control_points: int = 16,
                  bound: Optional[str] = None, align_corners: bool = False, padding_mode: str = "zeros",
-                 head: str = "linear", map_size: Optional[Tuple[int, int]] = None, spread: float = 1.0):
+                 head: str = "linear", map_size: Optional[Tuple[int, int]] = None, spread: float = 1.0,
+                 sharpness: float = 1.0):
         super().__init__()
         _check_kind(kind)
         if head not in ("linear", "softargmax"):
@@ -380,7 +384,7 @@ class SpatialTransformer(nn.Module):
         self.align_corners, self.padding_mode = align_corners, padding_mode
         self.head_kind = head
         if head == "softargmax":
-            self.head = SoftArgmaxHead(features, map_size, num_transforms, scale, spread)
+            self.head = SoftArgmaxHead(features, map_size, num_transforms, scale, spread, sharpness)
         else:
             self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
         # The TPS map of this fixed output grid, solved once; not saved in checkpoints.
