@@ -118,7 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--loc-head", default="linear", help="model.extra.loc_head: linear | softargmax")
     p.add_argument("--loc-spread", type=float, default=1.0, help="model.extra.loc_spread (softargmax prior, cells)")
     p.add_argument("--loc-sharpness", type=float, default=1.0, help="model.extra.loc_sharpness")
+    p.add_argument("--loc-features", default="own", help="model.extra.loc_features: own | stream")
     p.add_argument("--loc-stride", type=int, default=None, help="model.extra.loc_stride")
+    p.add_argument("--fd-objective", default="loss", help="model.extra.fd_objective: loss | margin")
     p.add_argument("--fd-step", type=float, default=0.0, help="finite-difference window gradient (0: backprop)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write the trained model's state dict here")
@@ -137,10 +139,12 @@ def main(argv=None) -> int:
         extra = {} if args.loc_downscale is None else {"loc_downscale": args.loc_downscale}
         if args.loc_head != "linear":
             extra.update(loc_head=args.loc_head, loc_spread=args.loc_spread, loc_sharpness=args.loc_sharpness)
+        if args.loc_features != "own":
+            extra.update(loc_features=args.loc_features)
         if args.loc_stride:
             extra.update(loc_stride=args.loc_stride)
         if args.fd_step:
-            extra.update(window_gradient="finite_difference", fd_step=args.fd_step)
+            extra.update(window_gradient="finite_difference", fd_step=args.fd_step, fd_objective=args.fd_objective)
         model = create_model("nxst_cnn", num_streams=2, **kw, **extra)
     groups = [{"params": ps, "role": role, "base": args.lr * (args.loc_scale if role == "localisation" else 1.0)}
               for role, ps in model.parameter_groups().items()]

@@ -105,7 +105,7 @@ def test_demo_recipe_moves_the_windows_off_their_start(tmp_path):
     assert torch.allclose(start, start[:1].expand_as(start))  # the start is one place for every image
     shift = ((learnt - start).norm(dim=-1) * pixels).mean(0)  # (N,) mean distance moved per stream
     spread = (learnt.std(0).norm(dim=-1) * pixels)  # (N,) how much the windows differ between images
-    # 60 localisation steps at the demo's low start of its cosine schedule move them a fraction of a
-    # pixel (the demo's 900 steps: ~10 px); a frozen localisation net leaves exactly 0
+    # 60 localisation steps, before the streams read much, move them by a pixel or less; a frozen
+    # localisation net leaves exactly 0
     assert (shift > 0.1).all(), f"windows moved {shift.tolist()} px from their start"
     assert (spread > 0.05).all(), f"windows differ by {spread.tolist()} px between images"

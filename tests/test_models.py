@@ -362,3 +362,48 @@ def test_loc_stride_cuts_the_localisation_trunk_at_a_finer_map():
     assert fine.attend(_input({"input_size": 128}))["theta"].shape == (2, 2, 2)
     with pytest.raises(ValueError, match="loc_stride=12: 'test_resnet' has feature maps of stride 2, 4, 8, 16, 32"):
         create_model("nxst_cnn", **kw, loc_stride=12)
+
+
+def test_finite_difference_margin_objective_is_the_true_class_lead(monkeypatch):
+    """fd_objective=margin: the windows follow how far the true class leads the best other class
+    (negated, to be minimised), a slope that does not vanish once the cross-entropy saturates."""
+    from pipeline.models import multistream
+
+    logits = torch.tensor([[5.0, 2.0, 1.0], [0.0, 1.0, 0.5], [1.0, 4.0, 4.0]])
+    assert multistream.negative_margin(logits, torch.tensor([0, 0, 2])).tolist() == [-3.0, 1.0, 0.0]
+    torch.manual_seed(0)
+    model = create_model("nxst_cnn", **SMALL["nxst_cnn"], window_gradient="finite_difference", fd_objective="margin")
+    calls = []
+    monkeypatch.setattr(multistream, "negative_margin",
+                        lambda lg, t: calls.append(len(t)) or multistream.F.cross_entropy(lg, t, reduction="none") * 0)
+    x, y = _input(SMALL["nxst_cnn"], batch=4), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model.train()(x, targets=y), y).backward()
+    assert calls == [4, 4]  # the two perturbed windows of the finite difference, scored by the margin
+    assert model.transformer.head.weight.grad.abs().sum() == 0  # a flat objective moves no window
+    with pytest.raises(ValueError, match="fd_objective='lead'"):
+        create_model("nxst_cnn", **SMALL["nxst_cnn"], fd_objective="lead")
+
+
+def test_loc_features_stream_reads_the_first_streams_map_without_training_it():
+    kw = dict(SMALL["nxst_cnn"], input_size=128, crop_size=64, loc_head="softargmax", loc_downscale=1)
+    model = create_model("nxst_cnn", **kw, loc_features="stream").train()
+    groups = model.parameter_groups()
+    loc_ids = {id(p) for p in groups["localisation"]}
+    assert not loc_ids & {id(p) for p in groups["streams"]}  # no weight in two optimiser groups
+    assert sum(p.numel() for p in groups["localisation"]) < 20_000  # a 1x1 reduction and the scorer only
+    stats = {k: v.clone() for k, v in model.streams[0].state_dict().items() if "running" in k}
+    with torch.no_grad():
+        model.transformer.head.score.weight.normal_(std=1.0)
+    x = _input({"input_size": 128}, batch=2)
+    before = model.attend(x)["theta"]
+    assert model.streams[0].training  # put back in training mode after its no-grad pass
+    assert all(torch.equal(model.streams[0].state_dict()[k], v) for k, v in stats.items())  # BN stats untouched
+    with torch.no_grad():  # the windows follow what the first stream's weights see
+        next(model.streams[0].parameters()).mul_(-1.0)
+    assert not torch.allclose(model.attend(x)["theta"], before)
+    y = torch.tensor([0, 1])
+    model2 = create_model("nxst_cnn", **kw, loc_features="stream", window_gradient="finite_difference")
+    torch.nn.functional.cross_entropy(model2.train()(x, targets=y), y).backward()
+    assert model2.transformer.localisation.reduce.weight.grad is not None
+    with pytest.raises(ValueError, match="loc_features='stream' needs loc_head='softargmax'"):
+        create_model("nxst_cnn", **kw | {"loc_head": "linear"}, loc_features="stream")

@@ -95,6 +95,19 @@ class TrunkLocalisation(nn.Module):
         return F.relu(self.fc(F.adaptive_avg_pool2d(self.feature_map(x), self.grid).flatten(1)))
 
 
+class MapLocalisation(nn.Module):
+    """A 1x1 conv + ReLU over a feature map computed elsewhere (the N x ST-CNN's first stream on the
+    whole image, model.extra.loc_features=stream): the map a soft-argmax head scores."""
+
+    def __init__(self, in_channels: int, channels: int = 128):
+        super().__init__()
+        self.reduce = nn.Conv2d(in_channels, channels, 1)
+        self.out_features = channels
+
+    def feature_map(self, features: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.reduce(features))
+
+
 class ConvLocalisation(nn.Module):
     """Paper A.4 ST-CNN Single: conv[32,5,1,2]-max[2]-conv[32,5,1,2]-fc[32]-fc[32], ReLUs."""
 

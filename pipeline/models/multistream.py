@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .registry import register_model
-from .localisation import TrunkLocalisation, create_timm
+from .localisation import MapLocalisation, TrunkLocalisation, create_timm
 from .spatial_transformer import SpatialTransformer, finite_difference_theta
 
 
@@ -31,14 +31,18 @@ class NxSTCNN(nn.Module):
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
                  num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
                  padding_mode: str = "zeros", loc_downscale: Optional[int] = None,
-                 window_gradient: str = "sampler", fd_step: float = 0.125, loc_head: str = "linear",
-                 loc_spread: float = 1.0, loc_sharpness: float = 1.0, loc_stride: Optional[int] = None):
+                 window_gradient: str = "sampler", fd_step: float = 0.125, fd_objective: str = "loss",
+                 loc_head: str = "linear",
+                 loc_spread: float = 1.0, loc_sharpness: float = 1.0, loc_stride: Optional[int] = None,
+                 loc_features: str = "own"):
         super().__init__()
         if window_gradient not in ("sampler", "finite_difference"):
             raise ValueError(f"window_gradient={window_gradient!r} is not one of sampler, finite_difference")
         if not fd_step > 0:
             raise ValueError(f"fd_step={fd_step} must be > 0")
-        self.window_gradient, self.fd_step = window_gradient, float(fd_step)
+        if fd_objective not in ("loss", "margin"):
+            raise ValueError(f"fd_objective={fd_objective!r} is not one of loss, margin")
+        self.window_gradient, self.fd_step, self.fd_objective = window_gradient, float(fd_step), fd_objective
         if stream_mode not in ("loop", "vmap"):
             raise ValueError(f"stream_mode={stream_mode!r} is not one of loop, vmap")
         if num_streams < 1:
@@ -63,14 +67,24 @@ class NxSTCNN(nn.Module):
         soft = loc_head == "softargmax"
         if soft and transform != "translation":
             raise ValueError(f"loc_head='softargmax' predicts translation windows, not transform '{transform}'")
-        localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
-                                         pretrained=loc_pretrained, with_fc=not soft, stride=loc_stride)
+        if loc_features not in ("own", "stream"):
+            raise ValueError(f"loc_features={loc_features!r} is not one of own, stream")
+        if loc_features == "stream" and not soft:
+            raise ValueError("loc_features='stream' needs loc_head='softargmax' (it reads the stream's map)")
+        self.streams = nn.ModuleList(create_timm(backbone, pretrained, num_classes=0) for _ in range(num_streams))
+        self.loc_features, self.loc_downscale = loc_features, downscale
+        if loc_features == "stream":
+            localisation = MapLocalisation(self.streams[0].num_features)
+            map_size = tuple(self._loc_input(torch.zeros(1, 3, input_size, input_size)).shape[-2:])
+        else:
+            localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
+                                             pretrained=loc_pretrained, with_fc=not soft, stride=loc_stride)
+            map_size = localisation.map_size(input_size) if soft else None
         self.transformer = SpatialTransformer(
             localisation, localisation.out_features, transform, crop_size, num_transforms=num_streams,
             scale=transform_scale, bound=None if soft else bound, num_control_points=num_control_points,
             padding_mode=padding_mode, head=loc_head, spread=loc_spread, sharpness=loc_sharpness,
-            map_size=localisation.map_size(input_size) if soft else None)
-        self.streams = nn.ModuleList(create_timm(backbone, pretrained, num_classes=0) for _ in range(num_streams))
+            map_size=map_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(sum(s.num_features for s in self.streams), num_classes)
 
@@ -79,10 +93,24 @@ class NxSTCNN(nn.Module):
         """Training passes `targets` to forward: the finite-difference window gradient needs the loss."""
         return self.window_gradient == "finite_difference"
 
+    def _loc_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the localisation net reads: the image, or (loc_features=stream) the first stream's
+        feature map of the whole image, without gradient and with its batch-norm statistics left alone:
+        the stream's weights learn from classification only."""
+        if self.loc_features == "own":
+            return x
+        stream = self.streams[0]
+        was_training = stream.training
+        with torch.no_grad():
+            stream.eval()
+            features = stream.forward_features(F.avg_pool2d(x, self.loc_downscale) if self.loc_downscale > 1 else x)
+            stream.train(was_training)
+        return features
+
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_input(x, self.input_size)
         if targets is None or not self.training or not self.wants_targets:
-            crops, _ = self.transformer(x)
+            crops, _ = self.transformer(x, loc_input=self._loc_input(x))
             return self.classify(crops)
         st = self.transformer
         room = st.window_room()
@@ -90,9 +118,12 @@ class NxSTCNN(nn.Module):
         def losses_at(theta: torch.Tensor) -> torch.Tensor:
             if room is not None:  # the perturbed windows stay inside the image, as the bound keeps them
                 theta = theta.clamp(-room, room)
-            return F.cross_entropy(self.classify(st.sample(x, theta)).float(), targets, reduction="none")
+            logits = self.classify(st.sample(x, theta)).float()
+            if self.fd_objective == "margin":
+                return negative_margin(logits, targets)
+            return F.cross_entropy(logits, targets, reduction="none")
 
-        theta = finite_difference_theta(st.predict(x), losses_at, self.fd_step)
+        theta = finite_difference_theta(st.predict(self._loc_input(x)), losses_at, self.fd_step)
         return self.classify(st.sample(x, theta))
 
     def classify(self, crops: torch.Tensor) -> torch.Tensor:
@@ -131,13 +162,21 @@ class NxSTCNN(nn.Module):
         return features.flatten(1)
 
     def attend(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        crops, theta = self.transformer(check_input(x, self.input_size))
+        x = check_input(x, self.input_size)
+        crops, theta = self.transformer(x, loc_input=self._loc_input(x))
         return {"theta": theta.flatten(2), "boxes": self.transformer.boxes(theta), "crops": crops}
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
         return {"localisation": list(self.transformer.parameters()),
                 "streams": list(self.streams.parameters()),
                 "head": list(self.classifier.parameters())}
+
+
+def negative_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per sample, the best other class's logit minus the true class's: how far the true class leads, negated."""
+    true = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], float("-inf")).amax(1)
+    return others - true
 
 
 class BackboneClassifier(nn.Module):
@@ -192,13 +231,18 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     `window_gradient` ("sampler": backpropagation through the sampler, the paper's;
     "finite_difference": the window parameters learn from a finite-difference slope of the training
     loss over `fd_step`, default 0.125 = 8 px of a 128 px input; see `finite_difference_theta`; for
-    class details too fine for the sampler's gradient), `loc_downscale` (the localisation trunk's
+    class details too fine for the sampler's gradient; `fd_objective`: "loss", the training loss, or
+    "margin", how far the true class's logit leads the best other one, which keeps pointing to a
+    better view after the cross-entropy has saturated on a partial one), `loc_downscale` (the localisation trunk's
     input is the input average-pooled by this factor; default input_size / crop_size, the paper's
     448 -> 224), `loc_head` ("linear": the paper's fc regression from the pooled map; "softargmax":
     translation windows at the softmax-weighted mean of the map's cells, scored by one 1x1 conv,
     see `SoftArgmaxHead`; `loc_spread`: its starting prior's width in cells; `loc_sharpness`: a
     factor on its scores, which lets the softmax peak sooner), `loc_stride` (the
     localisation map's stride, e.g. 16: the trunk stops at that stage, a finer map than its last),
+    `loc_features` ("own": a localisation trunk of its own; "stream": the soft-argmax head reads the
+    first stream's feature map of the whole image, which the streams learn from classification,
+    so the windows go where the features of the class are; no gradient flows back through it),
     `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
     input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
     """
