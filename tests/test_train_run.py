@@ -91,7 +91,8 @@ def test_evaluate_cli_under_torchrun_reproduces_the_checkpoint_metrics(ddp_run):
     stored = torch.load(best, weights_only=True)
     assert printed[0]["num_samples"] == stored["metrics"]["num_samples"]
     assert printed[0]["top1"] == pytest.approx(stored["metrics"]["top1"])
-    assert printed[0]["loss"] == pytest.approx(stored["metrics"]["loss"], rel=1e-4)
+    # every rank evaluates rank 0's batch-norm statistics, the ones the checkpoint keeps
+    assert printed[0]["loss"] == pytest.approx(stored["metrics"]["loss"], rel=1e-6)
     assert printed[0]["step"] == stored["step"]
 
 

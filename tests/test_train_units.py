@@ -289,3 +289,35 @@ def test_the_trainers_attention_picture_names_true_and_predicted_classes(tmp_pat
     assert len(captions) == 3 and all(c.startswith("true: ") and "\npred: " in c for c in captions)
     assert all(c.split("\n")[0][6:] in classes and c.split("\n")[1][6:] in classes for c in captions)
     assert legend == ["stream 0", "stream 1"] and path.is_file()
+
+
+def _buffers_after_sync(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.train.evaluator import sync_buffers_from_rank0
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        wrapped = torch.nn.parallel.DistributedDataParallel(net)  # (its constructor syncs them once)
+        net[1].running_mean.fill_(float(rank + 1))  # as after a last training step on each rank's own batch
+        net[1].num_batches_tracked.fill_(10 * (rank + 1))
+        sync_buffers_from_rank0(wrapped)
+        torch.save({k: v for k, v in net.state_dict().items() if "running" in k or "tracked" in k},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_every_rank_evaluates_rank0s_batchnorm_statistics(tmp_path):
+    """The checkpoint keeps rank 0's buffers; evaluation on every rank must use those."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_buffers_after_sync, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.equal(ranks[1]["1.running_mean"], torch.ones(4))  # rank 1 now holds rank 0's statistics
+    assert int(ranks[1]["1.num_batches_tracked"]) == 10
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])

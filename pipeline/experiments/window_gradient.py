@@ -70,7 +70,7 @@ def probe(checkpoint: Path, limit: int = 256, steps: Sequence[float] = STEPS) ->
         return F.cross_entropy(model.classify(crops), targets, reduction="none")
 
     with torch.no_grad():
-        theta = st.predict(x)
+        theta = model.predict_windows(x)
     theta.requires_grad_(True)
     base = losses(theta)
     base.sum().backward()  # each image's loss depends on its own windows only

@@ -107,6 +107,10 @@ class NxSTCNN(nn.Module):
             stream.train(was_training)
         return features
 
+    def predict_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """The transform parameters (B, N, ...) the localisation net predicts for the images `x`."""
+        return self.transformer.predict(self._loc_input(x))
+
     def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_input(x, self.input_size)
         if targets is None or not self.training or not self.wants_targets:
@@ -123,7 +127,7 @@ class NxSTCNN(nn.Module):
                 return negative_margin(logits, targets)
             return F.cross_entropy(logits, targets, reduction="none")
 
-        theta = finite_difference_theta(st.predict(self._loc_input(x)), losses_at, self.fd_step)
+        theta = finite_difference_theta(self.predict_windows(x), losses_at, self.fd_step)
         return self.classify(st.sample(x, theta))
 
     def classify(self, crops: torch.Tensor) -> torch.Tensor:

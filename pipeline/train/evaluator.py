@@ -51,6 +51,7 @@ class Evaluator:
     def evaluate(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> Dict[str, Any]:
         """The split's metrics on every rank (all-reduced), and rank 0's attention picture."""
         from pipeline.evaluation import evaluate
+        sync_buffers_from_rank0(model)
         model.eval()
         # Evaluation must not move the training RNGs (loaders draw seeds from them): a resumed run
         # evaluates (and loads picture images) at other moments than an uninterrupted one.
@@ -104,3 +105,20 @@ class Evaluator:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.best, self.metrics = state["best_metric"], state["metrics"]
+
+
+def sync_buffers_from_rank0(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm statistics) before an evaluation.
+
+    DDP copies rank 0's buffers to the others at the start of each training forward, and then every
+    rank updates its own from its own batch: after the last step they differ. Rank 0's are the ones
+    the checkpoint keeps, so without this the metrics logged (and the best checkpoint chosen by
+    them) would not be those of the checkpoint (measured: top-1 0.1451 logged, 0.1435 re-evaluated).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    net = model.module if hasattr(model, "module") else model
+    for buffer in net.buffers():
+        dist.broadcast(buffer, src=0)
