@@ -150,6 +150,7 @@ def detail_hit_rates(model, cfg, groups: Dict[str, List[str]]) -> List[Dict[str,
 
     from pipeline.data import build_eval_loader, normalize, read_manifest
     from pipeline.evaluation import part_points
+    from pipeline.metrics import contains
 
     manifest = read_manifest(cfg.data.root)
     index = {name: [manifest.parts.index(p) for p in members] for name, members in groups.items()}
@@ -159,18 +160,13 @@ def detail_hit_rates(model, cfg, groups: Dict[str, List[str]]) -> List[Dict[str,
         for images, _, metas in loader:
             boxes = model.attend(normalize(images, cfg.data.mean, cfg.data.std))["boxes"].double()  # (B, N, 4)
             points, visible = part_points(metas, len(manifest.parts))  # (B, P, 2), (B, P)
-            x, y = points[:, None, :, 0], points[:, None, :, 1]
-            inside = ((x >= boxes[..., 0:1]) & (x <= boxes[..., 2:3]) & (y >= boxes[..., 1:2])
-                      & (y <= boxes[..., 3:4]) & visible[:, None])  # (B, N, P)
-            group_hit, group_seen = [], []
-            for name, members in index.items():
-                seen = visible[:, members].any(1)  # (B,)
-                hit = inside[..., members].any(-1)  # (B, N)
-                hits[name].append(hit[seen].double())
-                group_hit.append(hit)
-                group_seen.append(seen)
-            every = torch.stack(group_seen).all(0)
-            hits["all"].append(torch.stack(group_hit).all(0)[every].double())
+            inside = contains(boxes, points) & visible[:, None]  # (B, N, P)
+            hit = {name: inside[..., members].any(-1) for name, members in index.items()}  # (B, N) each
+            seen = {name: visible[:, members].any(1) for name, members in index.items()}  # (B,) each
+            for name in index:
+                hits[name].append(hit[name][seen[name]].double())
+            every = torch.stack(list(seen.values())).all(0)
+            hits["all"].append(torch.stack(list(hit.values())).all(0)[every].double())
     rates = {name: torch.cat(h).mean(0) for name, h in hits.items()}
     return [{name: round(float(r[k]), 4) for name, r in rates.items()} for k in range(len(rates["all"]))]
 
