@@ -14,6 +14,7 @@ COMMANDS = {
     "verify": "data_prep.verify",
     "synthetic-cub": "data_prep.synthetic_cub",
     "digits": "data_prep.digits",
+    "coloc": "data_prep.coloc",
 }
 SUMMARY = {
     "cub": "CUB-200-2011 as downloaded -> shards (original JPEGs, boxes, 15 parts) + manifest.json",
@@ -21,6 +22,7 @@ SUMMARY = {
     "verify": "re-read every shard of an output folder against its manifest (sizes, sha256, samples)",
     "synthetic-cub": "draw the demo's CUB-layout bird dataset (no download needed)",
     "digits": "MNIST / Fashion-MNIST IDX files -> distorted digits (R, RTS, P, E, TC; paper A.3)",
+    "coloc": "MNIST IDX files -> one digit per 84x84 image, alone or cluttered (co-localisation; paper A.2)",
 }
 USAGE = "usage: python -m data_prep <command> [--help | options]\n\ncommands:\n" + "".join(
     f"  {name:<14} {SUMMARY[name]}\n" for name in COMMANDS)

@@ -15,6 +15,9 @@ from data_prep.shards import file_sha256
 # Tasks the loaders and evaluation know; a manifest without "task" gets its dataset's.
 TASK_OF_DATASET = {"svhn": "sequence"}
 DEFAULT_TASK = "classification"
+# colocalisation (data_prep coloc): the target is the class (`cls`), as for classification; the boxes
+# in the samples' json are read by the evaluation only
+TASKS = ("classification", "sequence", "colocalisation")
 DEFAULT_MAX_LENGTH = 5  # SVHN sequences (paper A.4): up to 5 digits
 
 
@@ -26,7 +29,7 @@ class DataError(ValueError):
 class Manifest:
     root: Path
     dataset: str
-    task: str                                   # classification | sequence
+    task: str                                   # one of TASKS
     classes: List[str]
     parts: List[str]                            # part names (CUB); [] when samples carry none
     splits: Dict[str, Dict[str, Any]]           # name -> {"num_samples", "shards": [{"name", "path", ...}]}
@@ -120,8 +123,8 @@ def read_manifest(root: Optional[str | Path], verify_checksums: bool = False) ->
     if not splits:
         raise DataError(f"{path}: 'splits' is empty")
     task = raw.get("task") or TASK_OF_DATASET.get(dataset, DEFAULT_TASK)
-    if task not in ("classification", "sequence"):
-        raise DataError(f"{path}: task '{task}' is not one of classification, sequence")
+    if task not in TASKS:
+        raise DataError(f"{path}: task '{task}' is not one of {', '.join(TASKS)}")
     return Manifest(
         root=root, dataset=dataset, task=task, classes=list(raw.get("classes") or []),
         parts=list(raw.get("parts") or []),
