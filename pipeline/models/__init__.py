@@ -67,4 +67,4 @@ def build_model(model_cfg: Any) -> nn.Module:
 
 def _import_all() -> None:
     # Importing the modules runs their @register_model decorators.
-    from . import digits, multistream, svhn  # noqa: F401
+    from . import coloc, digits, multistream, svhn  # noqa: F401
