@@ -20,7 +20,7 @@ from pipeline.train.signals import blocked_in_new_workers
 from pipeline.train.viz import attention_picture
 
 # The metric whose increase makes a checkpoint the best one, per task.
-BEST_METRIC = {"classification": "top1", "sequence": "sequence_accuracy"}
+BEST_METRIC = {"classification": "top1", "sequence": "sequence_accuracy", "colocalisation": "iou50"}
 
 
 class Evaluator:

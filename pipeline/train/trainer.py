@@ -56,8 +56,11 @@ def stream_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
-def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; sequence logits (B, L, C) against targets (B, L) count every position."""
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str = "classification") -> torch.Tensor:
+    """Mean cross-entropy; sequence logits (B, L, C) against targets (B, L) count every position.
+    colocalisation: the model returns each image's own loss (B,) (its triplet hinge, no targets): their mean."""
+    if task == "colocalisation":
+        return logits.float().mean()
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
@@ -300,7 +303,7 @@ class Trainer:
             with self.autocast():
                 # Models that estimate a gradient from the loss itself (finite-difference windows) get the targets.
                 extra = {"targets": targets} if self.wants_targets else {}
-                loss = task_loss(self.train_model(images, **extra), targets) / self.accum_steps
+                loss = task_loss(self.train_model(images, **extra), targets, self.task) / self.accum_steps
             self.scaler.scale(loss).backward()
         return loss.detach()
 
