@@ -1,5 +1,6 @@
 """python -m pipeline.experiments distorted --idx-root DIR [--train-count N] [--profile quick|standard|paper] ...
    python -m pipeline.experiments window-gradient --checkpoint RUN/checkpoints/best.pt
+   python -m pipeline.experiments coloc --idx-root DIR --classes 3,5,8 [--profile quick|standard] ...
 
 Thin launcher: the experiments live in the importable modules of this package.
 """
@@ -11,13 +12,15 @@ from typing import List, Optional
 
 from data_prep import DataPrepError
 
-EXPERIMENTS = ("distorted", "window-gradient")
+EXPERIMENTS = ("distorted", "window-gradient", "coloc")
 USAGE = """usage: python -m pipeline.experiments <experiment> [--help | options]
 
 experiments:
   distorted        the paper's Table 1: FCN, CNN, ST-FCN, ST-CNN on distorted digits, each run through the
                    trainer (profiles quick, standard, paper); the table, results.json and pictures
   window-gradient  probe a checkpoint: does the gradient through the sampler point the windows at the object?
+  coloc            the paper's Table 5: co-localisation of MNIST digits (T, TC) with a triplet loss, each run
+                   through the trainer; the table, results and the boxes over the optimisation
 """
 
 
@@ -50,6 +53,43 @@ def parse_distorted(argv: List[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_coloc(argv: List[str]) -> argparse.Namespace:
+    from .coloc import PROFILES
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.experiments coloc",
+                                description="Paper Table 5: co-localisation of MNIST digits, plain (T) and cluttered (TC).")
+    p.add_argument("--idx-root", required=True, help="folder with the MNIST IDX files (one pair, e.g. t10k)")
+    p.add_argument("--classes", default="3,5,8", help="comma-separated digits: one co-localisation run per class")
+    p.add_argument("--clutter", default="T,TC", help="comma-separated subset of T,TC")
+    p.add_argument("--out", default=None, help="results, cached shards, runs (default runs/coloc_<profile>)")
+    p.add_argument("--profile", default="standard", choices=tuple(PROFILES),
+                   help="quick: every code path in seconds; standard: the 2-core table")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per (clutter, class)")
+    p.add_argument("--count", type=int, default=None, help="images per class (paper: 100)")
+    p.add_argument("--train-count", type=int, default=None,
+                   help="the IDX pair's first N digits train the feature CNN, the images come from the rest (8000)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps per co-localisation run")
+    p.add_argument("--feature-steps", type=int, default=None, help="training steps of the feature CNN")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--margin", type=float, default=None, help="the triplet hinge's margin (paper: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per co-localisation run (default 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config override of every co-localisation run (repeatable), e.g. model.extra.transform=translation")
+    return p.parse_args(argv)
+
+
+def run_profile(argv: List[str], module, args: argparse.Namespace, **run_kwargs) -> Optional[dict]:
+    """`module.run` on the profile of `args` (the command recorded in it); None after printing a bad-input error."""
+    from dataclasses import replace
+
+    try:
+        profile = replace(module.profile_from_args(args), extra={"command": "python -m pipeline.experiments " + " ".join(argv)})
+        return module.run(profile, **run_kwargs)
+    except (module.ExperimentError, DataPrepError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in EXPERIMENTS:
@@ -62,19 +102,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .window_gradient import main as window_gradient
 
         return window_gradient(argv[1:])
-    from dataclasses import replace
+    if argv[0] == "coloc":
+        from . import coloc
 
-    from .distorted import ExperimentError, profile_from_args, run
+        result = run_profile(argv, coloc, parse_coloc(argv[1:]))
+        written = f"{result['table_path']} and {result['picture']}" if result else ""
+    else:
+        from . import distorted
 
-    args = parse_distorted(argv[1:])
-    try:
-        profile = replace(profile_from_args(args), extra={"command": "python -m pipeline.experiments " + " ".join(argv)})
-        result = run(profile, train_missing=not args.report_only)
-    except (ExperimentError, DataPrepError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        args = parse_distorted(argv[1:])
+        result = run_profile(argv, distorted, args, train_missing=not args.report_only)
+        written = f"{result['table_path']} and {len(result['pictures'])} picture(s)" if result else ""
+    if result is None:
         return 2
     print(result["table"])
-    print(f"wrote {result['table_path']} and {len(result['pictures'])} picture(s) in {result['wall_s']:.0f} s")
+    print(f"wrote {written} in {result['wall_s']:.0f} s")
     return 0
 
 
