@@ -18,6 +18,12 @@ split depends on N and the file only. --fresh-train stores the training digits a
 `png` and `cls`; the key train_<i> is digit first + i of the pair, manifest "sources"): a training run then sees a new distortion of every digit each time it draws
 it (`data.distortion`), as the paper's and our reference's training did, instead of one fixed
 distortion per digit that a 400k-parameter network memorises in a few epochs of 8,000 digits.
+
+--addition (paper A.1, MNIST addition): each sample is two digits of the split, each distorted
+independently (its own parameters) into its own channel of one S x S image, stored as a uint8
+S x S x 2 `npy`; `cls` is their sum (19 classes, "0".."18"); the second digit is drawn at random
+from the split (never the sample's own digit). With --fresh-train the training split keeps single
+undistorted digits, and the trainer pairs and distorts them afresh in every batch.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from . import DataPrepError, distortions
 from ._cli import add_job_arguments, job_options, print_summary
 from .distortions import CLUTTER_PATCHES, CLUTTER_SIZE, DISTORTIONS, OUTPUT_SIZE, from_records, mix_seed, to_records
 from .jobs import JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
-from .shards import encode_png, file_sha256
+from .shards import encode_npy, encode_png, file_sha256
 
 __all__ = ["CLUTTER_PATCHES", "CLUTTER_SIZE", "DISTORTIONS", "OUTPUT_SIZE", "DigitsOptions", "prepare", "distort",
            "load_split", "read_idx", "write_idx", "write_synthetic_idx"]
@@ -45,6 +51,7 @@ SPLIT_IDS = {"train": 0, "test": 1}
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 MNIST_CLASSES = [str(d) for d in range(10)]
+SUM_CLASSES = [str(s) for s in range(19)]  # MNIST addition: the sum of two digits
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 WARP_BATCH = 1024
@@ -64,6 +71,7 @@ class DigitsOptions:
     train_count: Optional[int] = None    # split one IDX pair: its first N digits train, the rest test
     source: str = "auto"                 # the pair --train-count splits: auto | train | t10k
     fresh_train: bool = False            # store the training digits undistorted (the trainer distorts them)
+    addition: bool = False               # two digits a sample, one per channel, labelled with their sum (A.1)
 
 
 # ---- IDX files ---------------------------------------------------------------------------------
@@ -175,6 +183,11 @@ def distort(images: np.ndarray, distortion: str, seed: int, split: str,
         raise DataPrepError("TC needs at least 2 images per split (clutter comes from other digits)")
     params = [draw_params(distortion, sample_rng(seed, split, first_index + i), len(sources), first_index + i)
               for i in range(len(images))]
+    return _render(images, distortion, params, sources)
+
+
+def _render(images: np.ndarray, distortion: str, params: List[Dict], sources: np.ndarray) -> Tuple[np.ndarray, List[Dict]]:
+    """uint8 (N, S, S): each digit distorted with its recorded parameters, in batches."""
     out = np.empty((len(images), OUTPUT_SIZE[distortion], OUTPUT_SIZE[distortion]), dtype=np.uint8)
     source_tensor = torch.tensor(sources) if distortion == "TC" else None  # a copy: IDX arrays are read-only
     for start in range(0, len(images), WARP_BATCH):
@@ -182,6 +195,27 @@ def distort(images: np.ndarray, distortion: str, seed: int, split: str,
         out[chunk] = distortions.render(torch.tensor(images[chunk]), distortion, from_records(params[chunk]),
                                         source_tensor).numpy()
     return out, params
+
+
+def distort_pairs(images: np.ndarray, distortion: str, seed: int, split: str, first_index: int,
+                  sources: np.ndarray) -> Tuple[np.ndarray, List[Dict]]:
+    """MNIST addition: sample i pairs digit first_index + i of `sources` (the split) with another digit of
+    the split drawn at random, each distorted with its own parameters into its own channel ->
+    (uint8 (N, S, S, 2), per sample {"partner": index, "params": [first's, second's]})."""
+    if len(sources) < 2:
+        raise DataPrepError("--addition needs at least 2 digits per split (each sample pairs two)")
+    partners, first_params, second_params = [], [], []
+    for i in range(len(images)):
+        index = first_index + i
+        rng = sample_rng(seed, split, index)
+        other = int(torch.randint(0, len(sources) - 1, (1,), generator=rng))
+        partners.append(other + (other >= index))  # any digit but this one
+        first_params.append(draw_params(distortion, rng, len(sources), index))
+        second_params.append(draw_params(distortion, rng, len(sources), partners[-1]))
+    first, _ = _render(images, distortion, first_params, sources)
+    second, _ = _render(sources[partners], distortion, second_params, sources)
+    return np.stack([first, second], -1), [{"partner": j, "params": [a, b]}
+                                           for j, a, b in zip(partners, first_params, second_params)]
 
 
 # ---- the command -------------------------------------------------------------------------------
@@ -200,10 +234,13 @@ def class_names(option: str, root: Path) -> List[str]:
 
 
 def _samples(distortion: Optional[str], split: str, seed: int, images: np.ndarray, labels: np.ndarray,
-             start: int, stop: int, first_source_index: int) -> Iterator[Dict]:
-    """Samples start..stop-1 of a split; distortion None stores the digits as they are (--fresh-train)."""
+             start: int, stop: int, first_source_index: int, addition: bool = False) -> Iterator[Dict]:
+    """Samples start..stop-1 of a split; distortion None stores the digits as they are (--fresh-train);
+    `addition` pairs each digit with another one of the split (`distort_pairs`)."""
     if distortion is None:
         canvases, params = images[start:stop], [None] * (stop - start)
+    elif addition:
+        canvases, params = distort_pairs(images[start:stop], distortion, seed, split, start, images)
     else:
         canvases, params = distort(images[start:stop], distortion, seed, split, first_index=start, sources=images)
     for offset, (canvas, p) in enumerate(zip(canvases, params)):
@@ -214,6 +251,13 @@ def _samples(distortion: Optional[str], split: str, seed: int, images: np.ndarra
             sample["json"] = {"index": index, "source_index": first_source_index + index, "split": split,
                               "label": label, "distortion": distortion, "seed": seed, "size": list(canvas.shape),
                               "params": p}
+        if distortion is not None and addition:
+            partner = p["partner"]
+            del sample["png"]
+            sample["npy"], sample["cls"] = encode_npy(canvas), label + int(labels[partner])
+            sample["json"] |= {"label": sample["cls"], "digits": [label, int(labels[partner])],
+                               "source_index": [first_source_index + index, first_source_index + partner],
+                               "partner": partner, "params": p["params"]}
         yield sample
 
 
@@ -277,13 +321,19 @@ def make_plan(opts: DigitsOptions) -> Plan:
         images, _ = _split_arrays(str(root), pair, first, end, limits[split])  # read and checked before anything is written
         stored = None if split == "train" and opts.fresh_train else opts.distortion
         context = {"root": str(root), "split": split, "seed": seeds[split], "pair": pair, "first": first, "end": end,
-                   "limit": limits[split], "distortion": stored}
+                   "limit": limits[split], "distortion": stored, "addition": opts.addition}
         specs += chunk_specs(split, [(context, index) for index in range(len(images))], opts.shard_size)
         files.update({path.name: file_sha256(path) for path in (find_idx(root, pair, kind) for kind in ("images", "labels"))})
     # the folder's identity: what decides the bytes (the IDX files' contents, not where they are)
+    if opts.addition:
+        classes = SUM_CLASSES if opts.classes in ("auto", "mnist") else None
+        if classes is None:
+            raise DataPrepError(f"--classes {opts.classes!r}: --addition labels a sample with the sum of its two "
+                                "digits (classes 0..18); use it with MNIST digits (--classes auto or mnist)")
     options = {"distortion": opts.distortion, "seeds": seeds, "limits": limits, "shard_size": opts.shard_size,
-               "classes": classes, "sources": sources, "fresh_train": opts.fresh_train}
+               "classes": classes, "sources": sources, "fresh_train": opts.fresh_train, "addition": opts.addition}
     extra = {"task": "classification", "classes": classes, "image_size": OUTPUT_SIZE[opts.distortion],
+             "channels": 2 if opts.addition else 1, "addition": opts.addition,
              "distortion": opts.distortion, "seeds": seeds,
              "train_distortion": "fresh" if opts.fresh_train else "stored",
              "sources": {split: {"idx": SPLIT_FILES[pair], "first": first, "end": end}
@@ -305,7 +355,8 @@ def build_shard(spec: ShardSpec, strict: bool) -> ShardContent:
     c = spec.items[0][0]
     images, labels = _split_arrays(c["root"], c["pair"], c["first"], c["end"], c["limit"])
     start, stop = spec.items[0][1], spec.items[-1][1] + 1
-    return _samples(c["distortion"], c["split"], c["seed"], images, labels, start, stop, c["first"]), []
+    return _samples(c["distortion"], c["split"], c["seed"], images, labels, start, stop, c["first"],
+                    c.get("addition", False)), []
 
 
 def main(argv: Sequence[str]) -> int:
@@ -323,6 +374,9 @@ def main(argv: Sequence[str]) -> int:
                    help="the IDX pair --train-count splits (auto: the only pair in --idx-root)")
     p.add_argument("--fresh-train", action="store_true",
                    help="store the training digits undistorted; training distorts them afresh (data.distortion)")
+    p.add_argument("--addition", action="store_true",
+                   help="MNIST addition (paper A.1): two digits a sample, each distorted into its own channel, "
+                        "labelled with their sum (19 classes)")
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     p.add_argument("--classes", default="auto", help="auto | mnist | fashion-mnist | 10 comma-separated names")
     add_job_arguments(p)

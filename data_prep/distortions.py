@@ -235,6 +235,26 @@ class FreshDistortion:
         params = draw(self.distortion, len(digits), self.generator, num_sources=len(digits))
         return render(digits, self.distortion, params)[:, None].contiguous()
 
+    def apply(self, images: torch.Tensor, targets: torch.Tensor):
+        """(distorted images, targets) of a training batch: what the trainer calls."""
+        return self(images), targets
+
+
+class FreshPairs(FreshDistortion):
+    """MNIST addition (paper A.1) afresh: each digit of a batch is paired with another digit of the batch
+    drawn at random, each distorted with its own parameters into its own channel: uint8 (B, 1, 28, 28)
+    and labels (B,) -> uint8 (B, 2, S, S) and their sums (B,), as `data_prep digits --addition` stores
+    its test pairs."""
+
+    def apply(self, images: torch.Tensor, targets: torch.Tensor):
+        count = len(images)
+        if count < 2:
+            raise ValueError("MNIST addition pairs the digits of a batch: it needs at least 2 (train.micro_batch_size)")
+        other = torch.randint(0, count - 1, (count,), generator=self.generator)
+        partner = (other + (other >= torch.arange(count))).to(images.device)  # any digit but the sample's own
+        pairs = torch.cat([self(images), self(images[partner])], 1)
+        return pairs, targets + targets[partner]
+
 
 def mix_seed(*values: int) -> int:
     """One 63-bit generator seed from several integers (e.g. seed, split, index)."""

@@ -359,3 +359,12 @@ def encode_png(array) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def encode_npy(array) -> bytes:
+    """.npy bytes of a uint8 array: images of other than 1 or 3 channels (PNG holds 1, 2 with alpha, 3 or 4)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.uint8), allow_pickle=False)
+    return buf.getvalue()

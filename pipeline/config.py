@@ -49,7 +49,7 @@ class DataConfig:
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     on_corrupt: str = "skip"               # skip (count and go on) | error
-    channels: int = 3                      # 3: RGB; 1: grayscale (the digits models)
+    channels: int = 3                      # 3: RGB; 1: grayscale (the digits models); others: npy shards (addition: 2)
     in_memory: bool = False                # decode the training split once and hold it (small data sets
                                            # without random per-sample augmentation: digits)
     distortion: Optional[str] = None       # R | RTS | P | E | TC: distort each training batch afresh (digits
@@ -255,8 +255,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         raise ConfigError(f"schedule.milestones={cfg.schedule.milestones} must be increasing")
     if len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("data.mean and data.std must have the same length")
-    if cfg.data.channels not in (1, 3) or len(cfg.data.mean) != cfg.data.channels:
-        raise ConfigError(f"data.channels={cfg.data.channels} must be 1 or 3, with as many data.mean and data.std "
+    if cfg.data.channels < 1 or len(cfg.data.mean) != cfg.data.channels:
+        raise ConfigError(f"data.channels={cfg.data.channels} must be positive, with as many data.mean and data.std "
                           f"values (got {len(cfg.data.mean)})")
     if cfg.data.in_memory and cfg.data.augment in ("cub", "svhn"):
         raise ConfigError(f"data.in_memory=true holds decoded samples, which data.augment={cfg.data.augment} would "

@@ -16,9 +16,11 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.manifest import DataError
 from pipeline.metrics import PAD_DIGIT  # the "no digit" class that pads a sequence to max_length
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+ARRAY_KEY = "npy"  # an image of other than 1 or 3 channels (MNIST addition: a digit per channel), uint8 H x W x C
 JPEG_MAGIC = b"\xff\xd8"
 
 # EXIF orientation is ignored: CUB's boxes and parts are in the stored pixel grid, as PIL reads it.
@@ -69,6 +71,24 @@ def decode_rgb(data: bytes, min_side: Optional[int] = None, channels: int = 3) -
         raise CorruptSample("not an image in a known format") from None
     except (OSError, ValueError, SyntaxError, cv2.error) as err:
         raise CorruptSample(f"cannot decode image: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def decode_image(sample: Dict[str, Any], min_side: Optional[int] = None,
+                 channels: int = 3) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """(H x W x channels uint8 array, original (width, height)) of a sample's image: an encoded
+    image (`decode_rgb`), or a uint8 H x W x C `npy` array whose C must be `channels`."""
+    if ARRAY_KEY not in sample:
+        return decode_rgb(image_bytes(sample), min_side, channels)
+    try:
+        array = np.load(io.BytesIO(sample[ARRAY_KEY]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CorruptSample(f"cannot read the npy image: {err}") from None
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise CorruptSample(f"npy image must be uint8 H x W x C; got {array.dtype} of shape {array.shape}")
+    if array.shape[2] != channels:
+        raise DataError(f"the shards' images have {array.shape[2]} channels; the config says "
+                        f"data.channels={channels}")
+    return array, (array.shape[1], array.shape[0])
 
 
 def image_bytes(sample: Dict[str, Any]) -> bytes:

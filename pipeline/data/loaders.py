@@ -26,8 +26,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.config import Config
 from pipeline.data.augment import effective_resize, eval_transform, train_augment
-from pipeline.data.decode import (CorruptSample, classification_target, decode_rgb, image_bytes, sample_json,
-                                  sequence_target)
+from pipeline.data.decode import CorruptSample, classification_target, decode_image, sample_json, sequence_target
 from pipeline.data.manifest import DataError, Manifest
 
 log = logging.getLogger(__name__)
@@ -101,9 +100,13 @@ class _Decode:
         meta = sample_json(sample)
         target = self._target(sample, meta)
         channels = self.cfg.data.channels
-        image, size = decode_rgb(image_bytes(sample), self.min_side, channels)
-        if self.seeds is not None:  # training: augmented, or as stored when the trainer distorts the batch
-            image = augment(image=image)["image"] if augment is not None else image
+        if self.seeds is not None and self.cfg.data.distortion is not None:
+            # undistorted source digits (grayscale 28x28), which the trainer distorts (and pairs) afresh
+            image, _ = decode_image(sample, None, 1)
+            return image, target, {}
+        image, size = decode_image(sample, self.min_side, channels)
+        if self.seeds is not None:  # training: augmented
+            image = augment(image=image)["image"]
             return image.reshape(*image.shape[:2], channels), target, {}
         image, view = eval_transform(image, size, self.cfg)
         image = image.reshape(*image.shape[:2], channels)  # cv2 drops a single channel's axis

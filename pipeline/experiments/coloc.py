@@ -315,5 +315,5 @@ def write_report(profile: ColocProfile, features: Dict, records: List[Dict], pic
                "runs": records, "wall_s": wall, "extra": profile.extra}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out / "coloc_mnist.json").write_text(json.dumps(rates(records), indent=1) + "\n")
-    return {"table": table, "table_path": str(out / "table.md"), "picture": str(picture) if picture else None,
+    return {"table": table, "table_path": str(out / "table.md"), "pictures": [str(picture)] if picture else [],
             "rates": rates(records), "wall_s": wall, "runs": records, "profile": asdict(profile)}

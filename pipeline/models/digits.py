@@ -8,6 +8,8 @@
   The convs are unpadded, which keeps the 7x7 conv (where the parameters are) on a small map and
   the CNN cheap enough to train on CPU; only inputs under 28 px (the 21x21 output of a pooled
   transformer on RTS) get the first conv zero-padded to keep its size.
+- `in_channels`: input channels (MNIST addition, paper A.1: 2, a digit in each); `num_transformers`:
+  transformers in parallel, each warping the whole input, outputs concatenated (A.1's 2xST-FCN).
 - ST-FCN / ST-CNN: a spatial transformer (`affine`, `projective` or 16-point `tps`) at the start,
   then the FCN / CNN. Localisation: FC 32-32-32 on the image (ST-FCN); on a 2x downsampled image,
   two unpadded 20-filter 5x5 convs with 2x2 max-pooling between them, then a 20-unit FC (ST-CNN). The
@@ -20,7 +22,7 @@ not normalised: the transformer's zero padding must stay the background colour.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,36 +36,48 @@ MIN_SIDE = 16  # the CNN's last feature map is at least 1x1 (with the padded fir
 
 
 class DigitsNet(nn.Module):
-    """[spatial transformer -> optional 2x average pooling ->] features -> linear classifier."""
+    """[spatial transformer(s) -> optional 2x average pooling ->] features -> linear classifier.
+
+    With several transformers in parallel (MNIST addition's 2xST-FCN, paper A.1) each one warps the
+    whole C-channel input with its own localisation net, and their outputs are concatenated into
+    N x C channels for the classifier.
+    """
 
     task = "classification"
 
     def __init__(self, features: nn.Module, head: nn.Module,
-                 transformer: Optional[SpatialTransformer] = None, pool_after_st: bool = False):
+                 transformers: Sequence[SpatialTransformer] = (), pool_after_st: bool = False):
         super().__init__()
-        self.transformer = transformer
+        # The first keeps the attribute name single-transformer checkpoints were saved under.
+        self.transformer = transformers[0] if transformers else None
+        self.other_transformers = nn.ModuleList(transformers[1:])
         self.pool = nn.AvgPool2d(2) if pool_after_st else nn.Identity()
         self.features = features
         self.head = head
-        self.num_streams = 1 if transformer is not None else 0
+        self.num_streams = len(transformers)
+
+    @property
+    def transformers(self) -> List[SpatialTransformer]:
+        return [self.transformer, *self.other_transformers] if self.transformer is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transformer is not None:
-            crops, _ = self.transformer(x)
-            x = self.pool(crops[:, 0])
+            x = self.pool(torch.cat([transformer(x)[0][:, 0] for transformer in self.transformers], 1))
         return self.head(self.features(x))
 
     @torch.no_grad()
     def attend(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """theta (B, 1, ...), boxes (B, 1, 4) = bounding box [x0, y0, x1, y1] of the sampled region
-        in input coordinates [-1, 1], crops (B, 1, C, S, S): the transformer's output before pooling."""
+        """theta (B, N, ...), boxes (B, N, 4) = bounding box [x0, y0, x1, y1] of the region each of the
+        N transformers samples, in input coordinates [-1, 1], crops (B, N, C, S, S): their outputs
+        before pooling."""
         if self.transformer is None:
             raise ValueError("attend() needs a spatial-transformer model (digits_st_fcn / digits_st_cnn)")
-        crops, theta = self.transformer(x)
-        return {"theta": theta, "boxes": self.transformer.boxes(theta), "crops": crops}
+        crops, thetas = zip(*(transformer(x) for transformer in self.transformers))
+        theta = torch.cat(thetas, 1)
+        return {"theta": theta, "boxes": self.transformer.boxes(theta), "crops": torch.cat(crops, 1)}
 
     def parameter_groups(self) -> Dict[str, List[nn.Parameter]]:
-        groups = {"localisation": list(self.transformer.parameters()) if self.transformer is not None else [],
+        groups = {"localisation": [p for t in self.transformers for p in t.parameters()],
                   "backbone": list(self.features.parameters()),
                   "head": list(self.head.parameters())}
         return {role: params for role, params in groups.items() if params}
@@ -71,8 +85,8 @@ class DigitsNet(nn.Module):
 
 # ---- parts -------------------------------------------------------------------------------------
 
-def fcn_features(input_size: int, width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(input_size * input_size, width), nn.ReLU(inplace=True),
+def fcn_features(input_size: int, width: int, channels: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * input_size * input_size, width), nn.ReLU(inplace=True),
                          nn.Linear(width, width), nn.ReLU(inplace=True))
 
 
@@ -85,14 +99,14 @@ def cnn_padding(input_size: int) -> int:
     return 0 if input_size >= 28 else 4
 
 
-def cnn_features(input_size: int, width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, width, 9, padding=cnn_padding(input_size)), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+def cnn_features(input_size: int, width: int, channels: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, width, 9, padding=cnn_padding(input_size)), nn.MaxPool2d(2), nn.ReLU(inplace=True),
                          nn.Conv2d(width, 2 * width, 7), nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten())
 
 
-def fcn_localisation(input_size: int) -> nn.Sequential:
+def fcn_localisation(input_size: int, channels: int = 1) -> nn.Sequential:
     """Paper A.3 ST-FCN: FC 32-32-32 on the full image."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(input_size * input_size, 32), nn.ReLU(inplace=True),
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * input_size * input_size, 32), nn.ReLU(inplace=True),
                          nn.Linear(32, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True))
 
 
@@ -101,33 +115,35 @@ def loc_side(input_size: int) -> int:
     return (input_size // 2 - 4) // 2 - 4
 
 
-def cnn_localisation(input_size: int) -> nn.Sequential:
+def cnn_localisation(input_size: int, channels: int = 1) -> nn.Sequential:
     """Paper A.3 ST-CNN: on the 2x-downsampled input, two 20-filter 5x5 convolutions without padding
     with 2x2 max-pooling between them, then FC 20. The paper does not say how it downsamples: a 2x2
     average (an anti-aliased half-size image, which a later max-pool would not be)."""
     side = loc_side(input_size)
     if side < 1:
         raise ValueError(f"input_size={input_size} is too small for the ST-CNN localisation net; expected at least 28")
-    return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(1, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+    return nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(channels, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
                          nn.Conv2d(20, 20, 5), nn.ReLU(inplace=True), nn.Flatten(),
                          nn.Linear(20 * side * side, 20), nn.ReLU(inplace=True))
 
 
-def _build(backbone: str, input_size: int, num_classes: int, width: int,
-           transform: Optional[str], pool_after_st: bool) -> DigitsNet:
-    transformer = None
-    side = input_size
+def _build(backbone: str, input_size: int, num_classes: int, width: int, transform: Optional[str],
+           pool_after_st: bool, in_channels: int = 1, num_transformers: int = 1) -> DigitsNet:
+    transformers = []
+    side, channels = input_size, in_channels
     if transform is not None:
-        localisation, features = ((fcn_localisation(input_size), 32) if backbone == "fcn"
-                                  else (cnn_localisation(input_size), 20))
-        transformer = SpatialTransformer(localisation, features, transform, input_size, num_transforms=1,
-                                         scale=1.0, num_control_points=16)
+        for _ in range(num_transformers):
+            localisation, features = ((fcn_localisation(input_size, in_channels), 32) if backbone == "fcn"
+                                      else (cnn_localisation(input_size, in_channels), 20))
+            transformers.append(SpatialTransformer(localisation, features, transform, input_size, num_transforms=1,
+                                                   scale=1.0, num_control_points=16))
         side = input_size // 2 if pool_after_st else input_size
+        channels = in_channels * num_transformers  # the transformers' outputs, concatenated
     if backbone == "fcn":
-        features, out = fcn_features(side, width), width
+        features, out = fcn_features(side, width, channels), width
     else:
-        features, out = cnn_features(side, width), 2 * width * cnn_side(side) ** 2
-    return DigitsNet(features, nn.Linear(out, num_classes), transformer, pool_after_st and transform is not None)
+        features, out = cnn_features(side, width, channels), 2 * width * cnn_side(side) ** 2
+    return DigitsNet(features, nn.Linear(out, num_classes), transformers, pool_after_st and transform is not None)
 
 
 def count_params(model: nn.Module) -> int:
@@ -151,40 +167,46 @@ def fit_width(build: Callable[[int], nn.Module], target: int, low: int = 1, high
 
 
 def _digits_model(backbone: str, input_size: int, num_classes: int, width: Optional[int], target_params: int,
-                  transform: Optional[str] = None, pool_after_st: bool = False) -> DigitsNet:
+                  transform: Optional[str] = None, pool_after_st: bool = False, in_channels: int = 1,
+                  num_transformers: int = 1) -> DigitsNet:
     min_size = 2 * MIN_SIDE if transform is not None and pool_after_st else MIN_SIDE
     if input_size < min_size:
         raise ValueError(f"input_size={input_size} is too small for digits_{'st_' if transform else ''}{backbone}"
                          f"{' with pool_after_st' if pool_after_st else ''}; expected at least {min_size}")
     if transform is not None and transform not in TRANSFORMS:
         raise ValueError(f"transform='{transform}' is not one of {', '.join(TRANSFORMS)}")
+    if in_channels < 1 or num_transformers < 1:
+        raise ValueError(f"in_channels={in_channels} and num_transformers={num_transformers} must be at least 1")
+    shape = dict(transform=transform, pool_after_st=pool_after_st, in_channels=in_channels,
+                 num_transformers=num_transformers)
     if width is None:
-        width = fit_width(lambda w: _build(backbone, input_size, num_classes, w, transform, pool_after_st),
-                          target_params)
-    return _build(backbone, input_size, num_classes, width, transform, pool_after_st)
+        width = fit_width(lambda w: _build(backbone, input_size, num_classes, w, **shape), target_params)
+    return _build(backbone, input_size, num_classes, width, **shape)
 
 
 @register_model
 def digits_fcn(input_size: int = 28, num_classes: int = 10, width: Optional[int] = None,
-               target_params: int = TARGET_PARAMS) -> DigitsNet:
-    return _digits_model("fcn", input_size, num_classes, width, target_params)
+               target_params: int = TARGET_PARAMS, in_channels: int = 1) -> DigitsNet:
+    return _digits_model("fcn", input_size, num_classes, width, target_params, in_channels=in_channels)
 
 
 @register_model
 def digits_cnn(input_size: int = 28, num_classes: int = 10, width: Optional[int] = None,
-               target_params: int = TARGET_PARAMS) -> DigitsNet:
-    return _digits_model("cnn", input_size, num_classes, width, target_params)
+               target_params: int = TARGET_PARAMS, in_channels: int = 1) -> DigitsNet:
+    return _digits_model("cnn", input_size, num_classes, width, target_params, in_channels=in_channels)
 
 
 @register_model
 def digits_st_fcn(input_size: int = 28, num_classes: int = 10, transform: str = "affine",
                   pool_after_st: bool = False, width: Optional[int] = None,
-                  target_params: int = TARGET_PARAMS) -> DigitsNet:
-    return _digits_model("fcn", input_size, num_classes, width, target_params, transform, pool_after_st)
+                  target_params: int = TARGET_PARAMS, in_channels: int = 1, num_transformers: int = 1) -> DigitsNet:
+    return _digits_model("fcn", input_size, num_classes, width, target_params, transform, pool_after_st,
+                         in_channels, num_transformers)
 
 
 @register_model
 def digits_st_cnn(input_size: int = 28, num_classes: int = 10, transform: str = "affine",
                   pool_after_st: bool = False, width: Optional[int] = None,
-                  target_params: int = TARGET_PARAMS) -> DigitsNet:
-    return _digits_model("cnn", input_size, num_classes, width, target_params, transform, pool_after_st)
+                  target_params: int = TARGET_PARAMS, in_channels: int = 1, num_transformers: int = 1) -> DigitsNet:
+    return _digits_model("cnn", input_size, num_classes, width, target_params, transform, pool_after_st,
+                         in_channels, num_transformers)

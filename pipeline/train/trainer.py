@@ -156,8 +156,8 @@ class Trainer:
                             "(write them with python -m data_prep digits --fresh-train)")
         if asked is None:
             return None
-        from data_prep.distortions import FreshDistortion
-        return FreshDistortion(asked)
+        from data_prep.distortions import FreshDistortion, FreshPairs
+        return (FreshPairs if self.manifest.raw.get("addition") else FreshDistortion)(asked)
 
     def build_model_and_optimiser(self) -> None:
         cfg, env = self.cfg, self.env
@@ -272,7 +272,7 @@ class Trainer:
         images = images.to(self.env.device, non_blocking=True)
         targets = targets.to(self.env.device, non_blocking=True)
         if distort and self.distortion is not None:  # on the uint8 pixels: the warp's zero padding stays black
-            images = self.distortion(images)
+            images, targets = self.distortion.apply(images, targets)
         return normalize(images, d.mean, d.std, self.memory_format == torch.channels_last), targets
 
     def next_batch(self, stream) -> Tuple[torch.Tensor, torch.Tensor, float]:

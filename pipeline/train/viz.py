@@ -18,10 +18,13 @@ STREAM_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
-    """(3,H,W) or grayscale (1,H,W), uint8 or float in [0,1] -> PIL RGB."""
+    """(3,H,W), grayscale (1,H,W) or two channels (2,H,W: red and green, MNIST addition's two digits),
+    uint8 or float in [0,1] -> PIL RGB."""
     if image.dtype != torch.uint8:
         image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(image.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy())
+    if image.shape[0] == 2:
+        image = torch.cat([image, torch.zeros_like(image[:1])])
+    return Image.fromarray(image[:3].expand(3, -1, -1).permute(1, 2, 0).cpu().numpy())
 
 
 def unnormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

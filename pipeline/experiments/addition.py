@@ -1,0 +1,291 @@
+"""Paper Table 4 (appendix A.1): MNIST addition with two spatial transformers in parallel.
+
+    python -m pipeline.experiments addition --idx-root tests/data/mnist --train-count 8000 --profile standard
+
+Two MNIST digits, each RTS-distorted on its own (as in A.3) into its own channel of a 42x42 image;
+the class is their sum (19 classes). Four models of about the same size (the profile's
+target_params): FCN, CNN, ST-FCN (one affine transformer warping both channels) and 2xST-FCN (two
+transformers, each with its own localisation net, each warping both channels; their 2-channel
+outputs concatenated into 4 channels for the FCN). The paper's point: the two transformers
+co-adapt, each one stabilising one digit, i.e. one channel.
+
+Every run is an ordinary training run of the project's Trainer on the shards of `data_prep digits
+--addition --fresh-train` (the test pairs fixed, the training digits paired and distorted afresh in
+every batch), in OUT/runs/<model>-seed<S>-<id>/; a rerun skips the runs OUT/results.jsonl holds with
+the same settings and resumes an interrupted one. OUT/table.md gets the test error in % (mean ± std
+over seeds) beside the paper's, and per transformer the share of its output's energy that comes
+from each input channel; OUT/addition_mnist.json the same for programs
+({"seeds", "errors": {model: {"mean", "std"}}, "channel_share": [[a, b], [c, d]]}); and
+OUT/addition.png the two transformers' outputs on test pairs (Table 4, right).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .distorted import CONFIGS, ExperimentError, _cell, _choices, append_result, as_input, load_results, load_run
+
+# Table 4's rows: key -> (label, config under configs/digits, model.extra overrides)
+ROWS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
+    "fcn": ("FCN", "fcn", {}),
+    "cnn": ("CNN", "cnn", {}),
+    "st-fcn": ("ST-FCN", "st_fcn", {"pool_after_st": True, "num_transformers": 1}),
+    "2xst-fcn": ("2xST-FCN", "addition_2xst_fcn", {"pool_after_st": True, "num_transformers": 2}),
+}
+PAPER_ERROR = {"fcn": 47.7, "cnn": 14.7, "st-fcn": 18.5, "2xst-fcn": 5.8}  # Table 4, test error %
+SIZE = 42            # the RTS canvas, one per digit
+STATS_IMAGES = 1000  # test pairs for the channel shares
+
+
+@dataclass
+class AdditionProfile:
+    """Everything the table depends on; `PROFILES` holds the presets, options override them."""
+    idx_root: str
+    out: str = "runs/addition"
+    name: str = "standard"
+    models: Tuple[str, ...] = tuple(ROWS)
+    seeds: int = 3
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 0.001
+    milestones: Tuple[float, ...] = (2 / 3, 5 / 6)  # fractions of the run where lr is divided by 10
+    target_params: int = 400_000   # two FC 32-32-32 localisation nets on 2x42x42 inputs take 226k of it
+    train_count: Optional[int] = 8000
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    data_seed: int = 0
+    threads: Optional[int] = None
+    num_examples: int = 8
+    extra: Dict[str, object] = field(default_factory=dict)  # recorded in the results, e.g. the command
+
+    def run_settings(self) -> Dict[str, object]:
+        """The settings that make two runs of one (model, seed) the same run."""
+        keys = ("steps", "batch_size", "lr", "milestones", "target_params", "train_count", "train_limit",
+                "test_limit", "data_seed")
+        settings = {k: getattr(self, k) for k in keys} | {"idx_root": str(Path(self.idx_root).resolve())}
+        return json.loads(json.dumps(settings))
+
+    def overrides(self) -> List[str]:
+        milestones = sorted({max(1, round(self.steps * m)) for m in self.milestones})  # a tiny run: distinct
+        return ["optim.name=adamw", f"optim.lr={self.lr}", "optim.weight_decay=0.0",
+                f"schedule.milestones={milestones}", f"train.global_batch_size={self.batch_size}",
+                f"train.max_steps={self.steps}", f"train.eval_every={self.steps}",
+                f"train.checkpoint_every={max(1, self.steps // 4)}", f"train.log_every={max(1, self.steps // 10)}",
+                "train.keep_checkpoints=1", "train.device=cpu", f"model.extra.target_params={self.target_params}"]
+
+
+PROFILES = {
+    "quick": dict(name="quick", steps=40, batch_size=64, seeds=1, train_limit=512, test_limit=256),
+    "standard": dict(name="standard"),
+}
+
+
+def make_profile(preset: str, idx_root: str, **overrides) -> AdditionProfile:
+    if preset not in PROFILES:
+        raise ExperimentError(f"--profile {preset!r}: expected one of {', '.join(PROFILES)}")
+    return replace(AdditionProfile(idx_root=idx_root, **PROFILES[preset]), **overrides)
+
+
+def profile_from_args(args) -> AdditionProfile:
+    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "batch_size", "train_count", "train_limit",
+                                               "test_limit", "lr", "threads", "num_examples", "out")
+                 if getattr(args, k) is not None}
+    overrides["models"] = _choices(args.models, tuple(ROWS), "--models")
+    overrides.setdefault("out", f"runs/addition_{args.profile}")
+    return make_profile(args.profile, args.idx_root, **overrides)
+
+
+# ---- data and runs -----------------------------------------------------------------------------
+
+def prepare_data(profile: AdditionProfile) -> Path:
+    """The shards of `data_prep digits --addition --fresh-train` (kept when OUT already holds them)."""
+    from data_prep.digits import DigitsOptions, prepare
+    from data_prep.jobs import JobOptions
+
+    limits = f"train{profile.train_limit or 'all'}-test{profile.test_limit or 'all'}"
+    out = Path(profile.out) / "data" / f"addition-count{profile.train_count}-{limits}-seed{profile.data_seed}"
+    opts = DigitsOptions(idx_root=profile.idx_root, out=str(out), distortion="RTS", seed=profile.data_seed,
+                         limit=profile.train_limit, test_limit=profile.test_limit, train_count=profile.train_count,
+                         fresh_train=True, addition=True, shard_size=2000)
+    prepare(opts, JobOptions(overwrite=True))
+    return out
+
+
+def run_config(profile: AdditionProfile, key: str, seed: int, data_root: Path):
+    """configs/digits/<row's config>.yaml, made a 2-channel, 19-class model, + the profile + the run."""
+    from pipeline.config import load_config
+
+    _, config_name, extra = ROWS[key]
+    settings_id = hashlib.sha256(json.dumps(profile.run_settings(), sort_keys=True).encode()).hexdigest()[:8]
+    run_dir = Path(profile.out) / "runs" / f"{key}-seed{seed}-{settings_id}"
+    overrides = profile.overrides() + [
+        f"data.root={data_root}", "data.distortion=RTS", "data.channels=2", "data.mean=[0.0,0.0]",
+        "data.std=[1.0,1.0]", f"model.input_size={SIZE}", "model.num_classes=19", "model.extra.in_channels=2",
+        *(f"model.extra.{k}={str(v).lower()}" for k, v in extra.items()),
+        f"train.seed={seed}", f"run.dir={run_dir}", "train.resume=auto"]
+    if extra:
+        overrides.append("model.transform=affine")
+    return load_config(CONFIGS / f"{config_name}.yaml", overrides)
+
+
+def train_one(profile: AdditionProfile, key: str, seed: int, data_root: Path) -> Dict:
+    from pipeline.train import NonFiniteLoss, run
+
+    cfg = run_config(profile, key, seed, data_root)
+    cores = profile.threads or torch.get_num_threads()
+    torch.set_num_threads(cores if key == "cnn" else 1)  # the FCNs' ops are too small to split (distorted.py)
+    start = time.time()
+    record = {"model": key, "seed": seed, "run_dir": cfg.run.dir}
+    try:
+        summary = run(cfg)
+    except NonFiniteLoss as err:
+        print(f"warning: {key}, seed {seed}: {err}", flush=True)
+        return record | {"test_error": None, "diverged": str(err), "wall_s": time.time() - start}
+    model, _, _ = load_run(cfg.run.dir)
+    return record | {"test_error": round(100.0 * (1.0 - summary["metrics"]["top1"]), 4),
+                     "num_test": summary["metrics"]["num_samples"],
+                     "num_params": sum(p.numel() for p in model.parameters()), "wall_s": time.time() - start}
+
+
+# ---- what the transformers learnt ----------------------------------------------------------------
+
+def test_pairs(data_root: Path, limit: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` test pairs: (uint8 (N, 2, 42, 42), sums (N,)), read by the evaluation loader."""
+    from pipeline.config import Config, DataConfig, ModelConfig
+    from pipeline.data import build_eval_loader, read_manifest
+
+    cfg = Config(model=ModelConfig(input_size=SIZE), data=DataConfig(root=str(data_root), augment="none", channels=2,
+                                                                     mean=[0.0, 0.0], std=[1.0, 1.0]))
+    images, labels = [], []
+    for batch, targets, _ in build_eval_loader(cfg, read_manifest(data_root), "test", 0, 1, 500, num_workers=0):
+        images.append(batch)
+        labels.append(targets)
+        if sum(len(b) for b in images) >= limit:
+            break
+    return torch.cat(images)[:limit], torch.cat(labels)[:limit]
+
+
+@torch.no_grad()
+def channel_share(model, images: torch.Tensor) -> List[List[float]]:
+    """Per transformer, the share of its output's energy (sum of squared pixels) in each output channel,
+    i.e. coming from each input channel (a transformer warps every channel alike), averaged over images."""
+    crops = model.attend(as_input(images))["crops"].float()       # (B, N, C, S, S)
+    energy = crops.pow(2).flatten(3).sum(-1)                      # (B, N, C)
+    share = energy / energy.sum(-1, keepdim=True).clamp_min(1e-12)
+    return [[round(float(v), 4) for v in row] for row in share.mean(0)]
+
+
+def pairs_picture(model, images: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
+    """Table 4 (right): each test pair (first digit red, second green) with both transformers' windows,
+    then each transformer's 2-channel output, and the true and predicted sum."""
+    from pipeline.train.viz import attention_picture
+
+    with torch.no_grad():
+        x = as_input(images)
+        out = model.attend(x)
+        predicted = model(x).argmax(-1)
+    captions = [f"sum {int(t)}\npred {int(p)}" for t, p in zip(labels, predicted)]
+    legend = [f"transformer {k + 1}" for k in range(out["boxes"].shape[1])]
+    return attention_picture(images, out["boxes"], out["crops"], [0.0, 0.0], [1.0, 1.0], path, captions, legend)
+
+
+# ---- the experiment ----------------------------------------------------------------------------
+
+def run(profile: AdditionProfile, train_missing: bool = True) -> Dict:
+    """Train every (model, seed) not done yet; write the table, the JSON and the picture."""
+    started = time.time()
+    out = Path(profile.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    settings = profile.run_settings()
+    root = prepare_data(profile)
+    for seed in range(profile.seeds):  # seed by seed: a run cut short still has every model once
+        for key in profile.models:
+            done = {(r["model"], r["seed"]) for r in load_results(results_path) if r.get("settings") == settings}
+            if not train_missing or (key, seed) in done:
+                continue
+            record = train_one(profile, key, seed, root) | {"settings": settings}
+            append_result(results_path, record)
+            error = "diverged" if record["test_error"] is None else f"{record['test_error']:.2f}%"
+            print(f"{key:<9} seed {seed}: test error {error} ({record['wall_s']:.0f} s)", flush=True)
+    records = [r for r in load_results(results_path) if r.get("settings") == settings
+               and r["model"] in profile.models and r["seed"] < profile.seeds]
+    shares: Dict[str, List[List[List[float]]]] = {}
+    picture = None
+    if records:
+        images, labels = test_pairs(root, STATS_IMAGES)
+        for r in sorted(records, key=lambda r: r["seed"]):
+            if ROWS[r["model"]][2] and r["test_error"] is not None:
+                model = load_run(r["run_dir"])[0]
+                shares.setdefault(r["model"], []).append(channel_share(model, images))
+                if r["model"] == "2xst-fcn" and picture is None:
+                    picture = pairs_picture(model, images[:profile.num_examples], labels[:profile.num_examples],
+                                            out / "addition.png")
+    return write_report(profile, records, shares, picture, time.time() - started)
+
+
+def summary_json(records: Sequence[Dict], shares: Dict[str, List], seeds: int) -> Dict:
+    """{"seeds", "errors": {model: {"mean", "std", "n"}}, "channel_share": 2xST-FCN's [[a, b], [c, d]],
+    "channel_share_per_seed": {model: [per seed]}}."""
+    errors = {}
+    for key in ROWS:
+        done = [r["test_error"] for r in records if r["model"] == key and r["test_error"] is not None]
+        if done:
+            errors[key] = {"mean": round(statistics.fmean(done), 3),
+                           "std": round(statistics.stdev(done), 3) if len(done) > 1 else 0.0, "n": len(done)}
+    mean_share = None
+    if shares.get("2xst-fcn"):
+        per_seed = torch.tensor(shares["2xst-fcn"])                 # (seeds, 2 transformers, 2 channels)
+        mean_share = [[round(float(v), 4) for v in row] for row in per_seed.mean(0)]
+    return {"seeds": seeds, "errors": errors, "channel_share": mean_share, "channel_share_per_seed": shares}
+
+
+def format_table(records: Sequence[Dict], models: Sequence[str]) -> str:
+    lines = ["| Model | parameters | test error % (ours) | paper |", "|---|---|---|---|"]
+    for key in (k for k in ROWS if k in models):
+        values = [r["test_error"] for r in records if r["model"] == key]
+        params = {r.get("num_params") for r in records if r["model"] == key and r.get("num_params")}
+        lines.append(f"| {ROWS[key][0]} | {', '.join(f'{p:,}' for p in sorted(params)) or '–'} | {_cell(values)} "
+                     f"| {PAPER_ERROR[key]} |")
+    return "\n".join(lines)
+
+
+def share_table(shares: Dict[str, List]) -> str:
+    """Per seed and transformer: the share of its output energy from channel 0 (first digit) / 1."""
+    lines = ["| Model | seed | transformer | from channel 0 | from channel 1 |", "|---|---|---|---|---|"]
+    for key, per_seed in shares.items():
+        for seed, rows in enumerate(per_seed):
+            for k, (a, b) in enumerate(rows):
+                lines.append(f"| {ROWS[key][0]} | {seed} | {k + 1} | {a:.2f} | {b:.2f} |")
+    return "\n".join(lines)
+
+
+def write_report(profile: AdditionProfile, records: List[Dict], shares: Dict, picture: Optional[Path],
+                 wall: float) -> Dict:
+    out = Path(profile.out)
+    table = format_table(records, profile.models)
+    header = (f"MNIST addition, profile '{profile.name}': test error (%) on {records[0]['num_test'] if records else 0} "
+              f"fixed test pairs, {profile.steps} steps of {profile.batch_size} pairs (AdamW, lr {profile.lr}), "
+              f"training pairs drawn and RTS-distorted afresh in every batch from "
+              f"{profile.train_limit or profile.train_count or 'all the'} training digits, "
+              f"{profile.seeds} seed(s), mean ± std over seeds; {len(records)} runs took "
+              f"{sum(r['wall_s'] for r in records) / 60:.1f} min.\n\n")
+    text = header + table
+    if shares:
+        text += ("\n\nShare of each transformer's output energy from each input channel (mean over the first "
+                 f"{STATS_IMAGES} test pairs):\n\n" + share_table(shares))
+    table_path = out / "table.md"
+    table_path.write_text(text + "\n")
+    summary = summary_json(records, shares, profile.seeds)
+    (out / "addition_mnist.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps({"profile": asdict(profile), "wall_s": wall, "runs": records},
+                                                 indent=1, default=str))
+    return {"table": text, "table_path": str(table_path), "json": summary, "pictures": [str(picture)] if picture else [],
+            "wall_s": wall, "runs": records}
