@@ -72,8 +72,25 @@ def test_nxst_init_windows_tile_the_image(num_streams):
     expected = window_boxes(window_theta("attention", tiling_windows(num_streams, 0.5).float()), "attention")
     torch.testing.assert_close(boxes, expected.expand_as(boxes), atol=1e-6, rtol=0)
     assert boxes.min() >= -1.0 and boxes.max() <= 1.0
-    if num_streams == 2:  # left and right parts of the image, centred vertically
-        assert boxes[0, 0, 2] < boxes[0, 1, 2] and boxes[0, 0, 0] < 0 < boxes[0, 1, 2]
+    if num_streams == 2:  # the left and right halves of the middle band: the full width, no overlap
+        torch.testing.assert_close(boxes[0], torch.tensor([[-1.0, -0.5, 0.0, 0.5], [0.0, -0.5, 1.0, 0.5]]))
+
+
+def test_nxst_four_windows_start_on_the_quadrants_exactly():
+    """Paper A.5: the 4 x ST-CNN's windows are 'initialised to tile the image plane': at scale 0.5
+    of the input, each window is one quadrant (its crop is that quadrant's pixels), their union the image."""
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=4,
+                         num_classes=5).eval()
+    x = _input(SMALL["nxst_cnn"], batch=3)
+    seen = model.attend(x)
+    quadrants = torch.tensor([[-1.0, -1.0, 0.0, 0.0], [0.0, -1.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    torch.testing.assert_close(seen["boxes"], quadrants.expand(3, 4, 4), atol=1e-6, rtol=0)
+    for i, (rows, cols) in enumerate([(slice(0, 32), slice(0, 32)), (slice(0, 32), slice(32, 64)),
+                                      (slice(32, 64), slice(0, 32)), (slice(32, 64), slice(32, 64))]):
+        torch.testing.assert_close(seen["crops"][:, i], x[:, :, rows, cols], atol=1e-5, rtol=0)
+    # the tanh bound holds the start strictly inside: the windows can still move either way
+    st = model.transformer
+    assert st.bound == "tanh" and seen["theta"].abs().max() < st.window_room()
 
 
 def test_nxst_one_localisation_net_shared_by_all_streams():

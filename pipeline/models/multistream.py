@@ -56,7 +56,7 @@ class NxSTCNN(nn.Module):
                 raise ValueError(f"model.pretrained={pretrained!r} is a weights file for '{backbone}', not for "
                                  f"loc_backbone '{loc_backbone}'; set model.extra.loc_pretrained")
             loc_pretrained = pretrained
-        if bound == "auto":  # keep windows inside the image where the kind allows it
+        if bound == "auto":  # keep window centres inside the image where the kind allows it
             bound = "tanh" if transform in ("translation", "attention") and transform_scale < 1 else None
         # A fixed downscale so the localisation trunk sees about crop_size pixels (paper: 448 -> 224).
         downscale = max(1, round(input_size / crop_size)) if loc_downscale is None else int(loc_downscale)
@@ -120,7 +120,7 @@ class NxSTCNN(nn.Module):
         room = st.window_room()
 
         def losses_at(theta: torch.Tensor) -> torch.Tensor:
-            if room is not None:  # the perturbed windows stay inside the image, as the bound keeps them
+            if room is not None:  # the perturbed windows stay within the bound, as predicted ones do
                 theta = theta.clamp(-room, room)
             logits = self.classify(st.sample(x, theta)).float()
             if self.fd_objective == "margin":
@@ -248,7 +248,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     first stream's feature map of the whole image, which the streams learn from classification,
     so the windows go where the features of the class are; no gradient flows back through it),
     `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
-    input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
+    input is the mean colour; "border" repeats the edge; a tanh-bounded window keeps its centre in the
+    image and may reach half outside it, a soft-argmax window stays inside).
     """
     if num_streams == 0:
         return BackboneClassifier(backbone, num_classes=num_classes, dropout=dropout, pretrained=pretrained,
