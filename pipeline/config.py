@@ -46,8 +46,9 @@ class DataConfig:
     augment: str = "cub"                   # augmentation preset: cub | svhn | digits | none
     resize: Optional[int] = None           # shorter side before the random crop; null = derived (paper A.5: 512 for 448)
     shuffle_buffer: int = 1000             # samples held by the in-memory shuffle
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: Optional[List[float]] = None     # input normalisation; null = what the backbone's pretrained weights
+    std: Optional[List[float]] = None      # expect (timm's pretrained cfg; inception_v3: 0.5 / 0.5), resolved
+                                           # when the model is built (pipeline/models/normalisation.py)
     on_corrupt: str = "skip"               # skip (count and go on) | error
     channels: int = 3                      # 3: RGB; 1: grayscale (the digits models)
     in_memory: bool = False                # decode the training split once and hold it (small data sets
@@ -253,11 +254,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError(f"optim.lr_start.{role}={start!r} must be a step number >= 0")
     if any(b <= a for a, b in zip(cfg.schedule.milestones, cfg.schedule.milestones[1:])):
         raise ConfigError(f"schedule.milestones={cfg.schedule.milestones} must be increasing")
-    if len(cfg.data.mean) != len(cfg.data.std):
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError(f"data.mean={cfg.data.mean} and data.std={cfg.data.std}: set both, or leave both null "
+                          "(the backbone's pretrained normalisation)")
+    if cfg.data.mean is not None and len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("data.mean and data.std must have the same length")
-    if cfg.data.channels not in (1, 3) or len(cfg.data.mean) != cfg.data.channels:
+    if cfg.data.channels not in (1, 3) or (cfg.data.mean is not None and len(cfg.data.mean) != cfg.data.channels):
         raise ConfigError(f"data.channels={cfg.data.channels} must be 1 or 3, with as many data.mean and data.std "
-                          f"values (got {len(cfg.data.mean)})")
+                          f"values (got {len(cfg.data.mean or [])})")
+    if cfg.data.std is not None and not all(v > 0 for v in cfg.data.std):
+        raise ConfigError(f"data.std={cfg.data.std} must be positive")
     if cfg.data.in_memory and cfg.data.augment in ("cub", "svhn"):
         raise ConfigError(f"data.in_memory=true holds decoded samples, which data.augment={cfg.data.augment} would "
                           "crop and flip afresh each epoch; use it with data.augment=none or digits")
