@@ -120,6 +120,27 @@ def test_nxst_localisation_sees_downscaled_input_and_gets_gradients():
     assert model.transformer.head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("loc_grid, cells", [(None, 4 * 4), (2, 2 * 2)])
+def test_nxst_localisation_fc_reads_the_whole_map_in_place_by_default(loc_grid, cells):
+    """Paper A.5 flattens the trunk's last map into the fc layer: at a 256 px input (128 px for the
+    trunk) test_resnet's stride-32 map is 4 x 4, and the fc reads its 16 cells as they are, so it
+    knows where each feature is. loc_grid=k, the option, average-pools the map to k x k first."""
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=256, crop_size=128, num_streams=2,
+                         num_classes=5, loc_grid=loc_grid)
+    loc = model.transformer.localisation
+    assert loc.fc.in_features == 128 * cells
+    seen = {}
+    loc.fc.register_forward_pre_hook(lambda m, args: seen.update(fc_input=args[0]))
+    x = _input({"input_size": 256})
+    model(x)
+    with torch.no_grad():
+        feature_map = loc.feature_map(x)
+    assert feature_map.shape[-2:] == (4, 4)
+    expected = feature_map.flatten(1) if loc_grid is None else torch.nn.functional.adaptive_avg_pool2d(
+        feature_map, loc_grid).flatten(1)
+    torch.testing.assert_close(seen["fc_input"], expected)
+
+
 @pytest.mark.parametrize("loc_downscale, side", [(1, 64), (4, 16)])
 def test_nxst_loc_downscale_sets_what_the_localisation_net_sees(loc_downscale, side):
     model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=2,

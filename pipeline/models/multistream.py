@@ -29,7 +29,7 @@ class NxSTCNN(nn.Module):
                  input_size: int = 448, crop_size: int = 224, transform: str = "translation",
                  transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
-                 num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
+                 num_control_points: int = 16, loc_grid: Optional[int] = None, stream_mode: str = "loop",
                  padding_mode: str = "zeros", loc_downscale: Optional[int] = None,
                  window_gradient: str = "sampler", fd_step: float = 0.125, fd_objective: str = "loss",
                  loc_head: str = "linear",
@@ -78,6 +78,7 @@ class NxSTCNN(nn.Module):
             map_size = tuple(self._loc_input(torch.zeros(1, 3, input_size, input_size)).shape[-2:])
         else:
             localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
+                                             input_size=input_size,
                                              pretrained=loc_pretrained, with_fc=not soft, stride=loc_stride)
             map_size = localisation.map_size(input_size) if soft else None
         self.transformer = SpatialTransformer(
@@ -229,8 +230,9 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     """Paper A.5 N x ST-CNN; `num_streams=0` is the bare backbone at `crop_size` (input resized).
 
     Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
-    `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
-    localisation map fed to its fc layer), `stream_mode` ("loop": one stream after another;
+    `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (null: the
+    localisation fc reads the trunk's whole map flattened, as the paper; k: the map average-pooled
+    to k x k first), `stream_mode` ("loop": one stream after another;
     "vmap": all streams in one batched call, same results, for launch-bound GPU steps),
     `window_gradient` ("sampler": backpropagation through the sampler, the paper's;
     "finite_difference": the window parameters learn from a finite-difference slope of the training
