@@ -43,7 +43,8 @@ class DataConfig:
     root: Optional[str] = None             # folder holding manifest.json and the shards
     train_split: str = "train"
     eval_split: str = "test"
-    augment: str = "cub"                   # augmentation preset: cub | svhn | digits | none
+    augment: str = "cub"                   # augmentation preset: cub | svhn | svhn_shift | svhn_crop | digits | none
+                                           # (pipeline/data/augment.py; svhn: the whole crop, no augmentation)
     resize: Optional[int] = None           # shorter side before the random crop; null = derived (paper A.5: 512 for 448)
     shuffle_buffer: int = 1000             # samples held by the in-memory shuffle
     mean: Optional[List[float]] = None     # input normalisation; null = what the backbone's pretrained weights
@@ -197,7 +198,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
 
 _CHOICES = {
     "model.transform": ("affine", "attention", "translation", "projective", "tps"),
-    "data.augment": ("cub", "svhn", "digits", "none"),
+    "data.augment": ("cub", "svhn", "svhn_shift", "svhn_crop", "digits", "none"),
     "data.on_corrupt": ("skip", "error"),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("step", "cosine", "constant"),
@@ -264,9 +265,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
                           f"values (got {len(cfg.data.mean or [])})")
     if cfg.data.std is not None and not all(v > 0 for v in cfg.data.std):
         raise ConfigError(f"data.std={cfg.data.std} must be positive")
-    if cfg.data.in_memory and cfg.data.augment in ("cub", "svhn"):
+    if cfg.data.in_memory and cfg.data.augment in ("cub", "svhn_shift", "svhn_crop"):
         raise ConfigError(f"data.in_memory=true holds decoded samples, which data.augment={cfg.data.augment} would "
-                          "crop and flip afresh each epoch; use it with data.augment=none or digits")
+                          "crop and flip afresh each epoch; use it with data.augment=none, digits or svhn")
     if cfg.data.distortion is not None and cfg.data.distortion not in DIGIT_DISTORTIONS:
         raise ConfigError(f"data.distortion={cfg.data.distortion!r} is not one of null, {', '.join(DIGIT_DISTORTIONS)}")
     if world_size is not None:
