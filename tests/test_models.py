@@ -83,7 +83,8 @@ def test_nxst_four_windows_start_on_the_quadrants_exactly():
                          num_classes=5).eval()
     x = _input(SMALL["nxst_cnn"], batch=3)
     seen = model.attend(x)
-    quadrants = torch.tensor([[-1.0, -1.0, 0.0, 0.0], [0.0, -1.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    quadrants = torch.tensor([[-1.0, -1.0, 0.0, 0.0], [0.0, -1.0, 1.0, 0.0],    # [x0, y0, x1, y1]: top-left, top-right,
+                              [-1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])     # bottom-left, bottom-right
     torch.testing.assert_close(seen["boxes"], quadrants.expand(3, 4, 4), atol=1e-6, rtol=0)
     for i, (rows, cols) in enumerate([(slice(0, 32), slice(0, 32)), (slice(0, 32), slice(32, 64)),
                                       (slice(32, 64), slice(0, 32)), (slice(32, 64), slice(32, 64))]):

@@ -92,3 +92,34 @@ def test_training_logs_the_normalisation_and_saves_it_in_the_run_config(tmp_path
     assert any("input normalisation" in r.getMessage() and backbone in r.getMessage() for r in caplog.records)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert state["config"]["data"]["mean"] == expected.data.mean  # pipeline.evaluate reads what training used
+
+
+def test_a_resumed_run_keeps_the_normalisation_its_checkpoint_trained_with(tmp_path, caplog):
+    """A run started with other values (e.g. ImageNet's, before they followed the backbone) and
+    resumed from a null config goes on with the checkpoint's; values the config sets win."""
+    from pipeline.train import main
+    from shard_fixtures import write_tiny_cub_shards
+    from test_train_helpers import tiny_run
+
+    shards = write_tiny_cub_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    imagenet = [f"data.mean={IMAGENET_MEAN}", f"data.std={IMAGENET_STD}"]
+    assert main(tiny_run(shards, run, "train.max_steps=1", "train.num_viz=0", *imagenet)) == 0
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        assert main(tiny_run(shards, run, "train.max_steps=2", "train.num_viz=0", "train.resume=auto")) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert saved["mean"] == IMAGENET_MEAN and saved["std"] == IMAGENET_STD
+    assert any("checkpoint's input normalisation" in r.getMessage() for r in caplog.records)
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 2 and state["config"]["data"]["mean"] == IMAGENET_MEAN
+
+
+def test_values_the_config_sets_win_over_the_checkpoints():
+    from pipeline.models.normalisation import follow_checkpoint
+
+    cfg = load_config(None, ["data.mean=[0.1, 0.2, 0.3]", "data.std=[1, 1, 1]"])
+    source = resolve_normalisation(cfg)
+    saved = {"data": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}}
+    assert "the config's are used" in follow_checkpoint(cfg, saved, source)
+    assert cfg.data.mean == [0.1, 0.2, 0.3]
+    assert follow_checkpoint(cfg, {"data": {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}}, source) is None

@@ -4,7 +4,7 @@
 |--------------|---------------------------------------------------------|-------------------------------|
 | cub          | shorter side -> resize, random input_size crop, h-flip  | shorter side -> resize, centre crop |
 | svhn         | the whole crop -> input_size (no augmentation)          | the whole crop -> input_size  |
-| svhn_shift   | the whole crop -> input_size, shifted by up to +-5/64 of its side (edges repeated) | the whole crop -> input_size |
+| svhn_shift   | the whole crop -> input_size, moved up to +-5/64 of a side | the whole crop -> input_size |
 | svhn_crop    | resize x resize, random input_size crop (no flip)       | resize x resize, centre crop  |
 | digits       | input_size x input_size                                 | same                          |
 | none         | input_size x input_size                                 | same                          |

@@ -74,7 +74,7 @@ class TrunkLocalisation(nn.Module):
         if grid is not None and grid < 1:
             raise ValueError(f"loc_grid={grid} must be null (flatten the whole map) or >= 1")
         if with_fc and grid is None and input_size is None:
-            raise ValueError("TrunkLocalisation flattens its map into the fc layer: give input_size (or a pooling grid)")
+            raise ValueError("TrunkLocalisation flattens its map into the fc layer: give input_size (or a grid)")
         self.flat_map = self.map_size(input_size) if with_fc and grid is None else None
         cells = (grid * grid if grid is not None else self.flat_map[0] * self.flat_map[1]) if with_fc else 0
         # without_fc: a head that reads the map itself (SoftArgmaxHead) uses `feature_map` only

@@ -55,14 +55,33 @@ def input_normalisation(model_cfg: Any, channels: int = 3) -> Normalisation:
     return list(IMAGENET_MEAN), list(IMAGENET_STD), fallback
 
 
+EXPLICIT = "data.mean / data.std of the config"
+
+
 def resolve_normalisation(cfg: Any) -> str:
     """Fill `cfg.data.mean` / `cfg.data.std` in place where they are null; return where they come from."""
     data = cfg.data
     if data.mean is not None and data.std is not None:
-        return "data.mean / data.std of the config"
+        return EXPLICIT
     mean, std, source = input_normalisation(cfg.model, data.channels)
     data.mean, data.std = mean, std
     return source
+
+
+def follow_checkpoint(cfg: Any, saved: Any, source: str) -> Optional[str]:
+    """On resume: the mean / std the checkpoint trained with, where `cfg` resolved others from a null
+    config (a run started before they followed the backbone keeps ImageNet's). Values the config
+    sets win. Returns the line to log when they differ, else None."""
+    data = saved.get("data") if isinstance(saved, dict) else None
+    mean, std = (data.get("mean"), data.get("std")) if isinstance(data, dict) else (None, None)
+    if mean is None or std is None or (list(mean) == list(cfg.data.mean) and list(std) == list(cfg.data.std)):
+        return None
+    if source == EXPLICIT:
+        return (f"data.mean={cfg.data.mean} / data.std={cfg.data.std} of the config differ from the checkpoint's "
+                f"{list(mean)} / {list(std)}, which it was trained with; the config's are used")
+    cfg.data.mean, cfg.data.std = list(map(float, mean)), list(map(float, std))
+    return (f"resuming with the checkpoint's input normalisation, mean {cfg.data.mean}, std {cfg.data.std} (it was "
+            f"trained with them), not those of {source}; set data.mean / data.std to change it")
 
 
 def describe(cfg: Any, source: str) -> str:
