@@ -446,3 +446,12 @@ def test_loc_features_stream_reads_the_first_streams_map_without_training_it():
     assert model2.transformer.localisation.reduce.weight.grad is not None
     with pytest.raises(ValueError, match="loc_features='stream' needs loc_head='softargmax'"):
         create_model("nxst_cnn", **kw | {"loc_head": "linear"}, loc_features="stream")
+
+
+def test_a_checkpoint_of_the_pooled_localisation_fc_names_the_setting_that_loads_it(tmp_path):
+    from pipeline.train.checkpoint import CheckpointError, load_weights
+
+    pooled = create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_grid=4)   # the default before: fc 128 x 4 x 4
+    flat = create_model("nxst_cnn", **SMALL["nxst_cnn"])                  # now: the 1 x 1 map of a 32 px trunk input
+    with pytest.raises(CheckpointError, match="model.extra.loc_grid=4"):
+        load_weights(flat, pooled.state_dict(), tmp_path / "old.pt", "nxst_cnn")
