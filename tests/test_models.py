@@ -451,7 +451,14 @@ def test_loc_features_stream_reads_the_first_streams_map_without_training_it():
 def test_a_checkpoint_of_the_pooled_localisation_fc_names_the_setting_that_loads_it(tmp_path):
     from pipeline.train.checkpoint import CheckpointError, load_weights
 
-    pooled = create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_grid=4)   # the default before: fc 128 x 4 x 4
+    old = dict(loc_grid=4, bound="tanh_inside")  # before issue #16: fc on the map pooled to 4 x 4, inset windows
+    before = create_model("nxst_cnn", **SMALL["nxst_cnn"], **old)
     flat = create_model("nxst_cnn", **SMALL["nxst_cnn"])                  # now: the 1 x 1 map of a 32 px trunk input
-    with pytest.raises(CheckpointError, match="model.extra.loc_grid=4"):
-        load_weights(flat, pooled.state_dict(), tmp_path / "old.pt", "nxst_cnn")
+    with pytest.raises(CheckpointError, match="model.extra.loc_grid=4 model.extra.bound=tanh_inside"):
+        load_weights(flat, before.state_dict(), tmp_path / "old.pt", "nxst_cnn")
+    again = create_model("nxst_cnn", **SMALL["nxst_cnn"], **old)
+    load_weights(again, before.state_dict(), tmp_path / "old.pt", "nxst_cnn")
+    x = _input(SMALL["nxst_cnn"])
+    theta = again.eval().attend(x)["theta"]
+    torch.testing.assert_close(theta, torch.tensor([[-0.25, 0.0], [0.25, 0.0]]).expand_as(theta), atol=1e-6, rtol=0)
+    assert again.transformer.window_room() == 0.5   # windows kept inside the image, as they were trained

@@ -230,7 +230,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     """Paper A.5 N x ST-CNN; `num_streams=0` is the bare backbone at `crop_size` (input resized).
 
     Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
-    `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (null: the
+    `bound` ("auto" = "tanh": window centres inside the image | None: unbounded, the paper's |
+    "tanh_inside": windows inside the image from the inset tiling, the layout of checkpoints before issue #16), `num_control_points` (tps), `loc_grid` (null: the
     localisation fc reads the trunk's whole map flattened, as the paper; k: the map average-pooled
     to k x k first), `stream_mode` ("loop": one stream after another;
     "vmap": all streams in one batched call, same results, for launch-bound GPU steps),

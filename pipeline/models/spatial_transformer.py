@@ -367,6 +367,8 @@ class SpatialTransformer(nn.Module):
     window may reach half outside, into the padding) and, for `attention`, keeps s in (0, 1) and
     the centre inside the image: a window cannot wander off the image, and the tiling start
     (|t| <= 1 - s) lies strictly inside the bound, where the tanh's slope is not zero.
+    `bound="tanh_inside"` is the layout before issue #16, for its checkpoints: windows kept inside
+    the image (|t| < 1 - s) starting on the inset tiling (`tiling_windows(inset=True)`).
     """
 
     def __init__(self, localisation: nn.Module, features: int, kind: str, out_size: Size, *,
@@ -381,12 +383,12 @@ class SpatialTransformer(nn.Module):
         if head == "softargmax" and (kind != "translation" or bound is not None or map_size is None):
             raise ValueError("the softargmax head predicts translation windows from a feature map: it needs "
                              f"kind='translation' (got '{kind}'), bound=None (got {bound!r}) and map_size")
-        if bound not in (None, "tanh"):
-            raise ValueError(f"bound={bound!r} is not one of None, 'tanh'")
+        if bound not in (None, "tanh", "tanh_inside"):
+            raise ValueError(f"bound={bound!r} is not one of None, 'tanh', 'tanh_inside'")
         if bound and kind not in ("translation", "attention"):
-            raise ValueError(f"bound='tanh' applies to translation and attention windows, not kind '{kind}'")
+            raise ValueError(f"bound={bound!r} applies to translation and attention windows, not kind '{kind}'")
         if bound and not 0.0 < scale < 1.0:
-            raise ValueError(f"bound='tanh' needs a window scale in (0, 1), got scale={scale}")
+            raise ValueError(f"bound={bound!r} needs a window scale in (0, 1), got scale={scale}")
         self.localisation = localisation
         self.kind, self.out_size, self.scale, self.bound = kind, _pair(out_size), float(scale), bound
         self.num_transforms, self.num_control_points = num_transforms, num_control_points
@@ -405,7 +407,8 @@ class SpatialTransformer(nn.Module):
         if head == "linear":
             nn.init.zeros_(self.head.weight)
             with torch.no_grad():
-                self.head.bias.copy_(self._raw_from_windows(tiling_windows(num_transforms, scale)).reshape(-1))
+                start = tiling_windows(num_transforms, scale, inset=bound == "tanh_inside")
+                self.head.bias.copy_(self._raw_from_windows(start).reshape(-1))
 
     def initial_theta(self) -> torch.Tensor:
         """(N, *theta_shape) transforms the module predicts at initialisation (for any input)."""
@@ -418,7 +421,11 @@ class SpatialTransformer(nn.Module):
         image's edge) under the tanh bound, 1 - scale (the window inside the image) for the soft-argmax."""
         if self.head_kind == "softargmax":
             return 1.0 - self.scale
-        return 1.0 if self.bound == "tanh" and self.kind == "translation" else None
+        return self._room() if self.bound and self.kind == "translation" else None
+
+    def _room(self) -> float:
+        """How far the tanh bound lets a window's centre go: 1 (tanh), 1 - s for a window of side s (tanh_inside)."""
+        return 1.0 if self.bound == "tanh" else 1.0 - self.scale
 
     def predict(self, loc_input: torch.Tensor) -> torch.Tensor:
         """Transform parameters (B, N, *theta_shape) from the localisation input."""
@@ -447,18 +454,20 @@ class SpatialTransformer(nn.Module):
         return window_boxes(theta, self.kind, self.scale)
 
     def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.bound == "tanh" and self.kind == "translation":
-            raw = torch.tanh(raw)
-        elif self.bound == "tanh":  # attention: s in (0, 1), centre inside the image
-            raw = torch.cat([torch.sigmoid(raw[..., :1]), torch.tanh(raw[..., 1:])], -1)
+        if self.bound and self.kind == "translation":
+            raw = self._room() * torch.tanh(raw)
+        elif self.bound:  # attention: s in (0, 1), centre inside the image (tanh_inside: the window inside)
+            s = torch.sigmoid(raw[..., :1])
+            raw = torch.cat([s, (1.0 - s if self.bound == "tanh_inside" else 1.0) * torch.tanh(raw[..., 1:])], -1)
         return raw.reshape(*raw.shape[:2], *theta_shape(self.kind, self.num_control_points))
 
     def _raw_from_windows(self, windows: torch.Tensor) -> torch.Tensor:
         s, centre = windows[:, :1], windows[:, 1:]
-        if self.bound == "tanh" and self.kind == "translation":
-            return torch.atanh(centre)
-        if self.bound == "tanh":
-            return torch.cat([torch.logit(s), torch.atanh(centre)], 1)
+        if self.bound and self.kind == "translation":
+            return torch.atanh(centre / self._room())
+        if self.bound:
+            room = 1.0 - s if self.bound == "tanh_inside" else 1.0
+            return torch.cat([torch.logit(s), torch.atanh(centre / room)], 1)
         return window_theta(self.kind, windows, self.num_control_points).reshape(len(windows), -1)
 
 
