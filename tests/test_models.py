@@ -451,7 +451,7 @@ def test_loc_features_stream_reads_the_first_streams_map_without_training_it():
 def test_a_checkpoint_of_the_pooled_localisation_fc_names_the_setting_that_loads_it(tmp_path):
     from pipeline.train.checkpoint import CheckpointError, load_weights
 
-    old = dict(loc_grid=4, bound="tanh_inside")  # before issue #16: fc on the map pooled to 4 x 4, inset windows
+    old = dict(loc_grid=4, bound="tanh_inside")  # the earlier layout: fc on the map pooled to 4 x 4, inset windows
     before = create_model("nxst_cnn", **SMALL["nxst_cnn"], **old)
     flat = create_model("nxst_cnn", **SMALL["nxst_cnn"])                  # now: the 1 x 1 map of a 32 px trunk input
     with pytest.raises(CheckpointError, match="model.extra.loc_grid=4 model.extra.bound=tanh_inside"):

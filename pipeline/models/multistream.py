@@ -231,8 +231,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
 
     Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
     `bound` ("auto" = "tanh": window centres inside the image | None: unbounded, the paper's |
-    "tanh_inside": windows inside the image from the inset tiling, the layout of checkpoints before
-    issue #16), `num_control_points` (tps), `loc_grid` (null: the localisation fc reads the trunk's
+    "tanh_inside": windows inside the image from the inset tiling, the layout of checkpoints written
+    before the quadrant start), `num_control_points` (tps), `loc_grid` (null: the localisation fc reads the trunk's
     whole map flattened, as the paper; k: the map average-pooled to k x k first), `stream_mode` ("loop": one stream after another;
     "vmap": all streams in one batched call, same results, for launch-bound GPU steps),
     `window_gradient` ("sampler": backpropagation through the sampler, the paper's;

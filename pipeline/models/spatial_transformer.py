@@ -367,7 +367,7 @@ class SpatialTransformer(nn.Module):
     window may reach half outside, into the padding) and, for `attention`, keeps s in (0, 1) and
     the centre inside the image: a window cannot wander off the image, and the tiling start
     (|t| <= 1 - s) lies strictly inside the bound, where the tanh's slope is not zero.
-    `bound="tanh_inside"` is the layout before issue #16, for its checkpoints: windows kept inside
+    `bound="tanh_inside"` is the earlier layout, for checkpoints written before the quadrant start: windows kept inside
     the image (|t| < 1 - s) starting on the inset tiling (`tiling_windows(inset=True)`).
     """
 
