@@ -43,11 +43,13 @@ class DataConfig:
     root: Optional[str] = None             # folder holding manifest.json and the shards
     train_split: str = "train"
     eval_split: str = "test"
-    augment: str = "cub"                   # augmentation preset: cub | svhn | digits | none
+    augment: str = "cub"                   # augmentation preset: cub | svhn | svhn_shift | svhn_crop | digits | none
+                                           # (pipeline/data/augment.py; svhn: the whole crop, no augmentation)
     resize: Optional[int] = None           # shorter side before the random crop; null = derived (paper A.5: 512 for 448)
     shuffle_buffer: int = 1000             # samples held by the in-memory shuffle
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: Optional[List[float]] = None     # input normalisation; null = what the backbone's pretrained weights
+    std: Optional[List[float]] = None      # expect (timm's pretrained cfg; inception_v3: 0.5 / 0.5), resolved
+                                           # when the model is built (pipeline/models/normalisation.py)
     on_corrupt: str = "skip"               # skip (count and go on) | error
     channels: int = 3                      # 3: RGB; 1: grayscale (the digits models); others: npy shards (addition: 2)
     in_memory: bool = False                # decode the training split once and hold it (small data sets
@@ -196,7 +198,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
 
 _CHOICES = {
     "model.transform": ("affine", "attention", "translation", "projective", "tps"),
-    "data.augment": ("cub", "svhn", "digits", "none"),
+    "data.augment": ("cub", "svhn", "svhn_shift", "svhn_crop", "digits", "none"),
     "data.on_corrupt": ("skip", "error"),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("step", "cosine", "constant"),
@@ -253,14 +255,19 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError(f"optim.lr_start.{role}={start!r} must be a step number >= 0")
     if any(b <= a for a, b in zip(cfg.schedule.milestones, cfg.schedule.milestones[1:])):
         raise ConfigError(f"schedule.milestones={cfg.schedule.milestones} must be increasing")
-    if len(cfg.data.mean) != len(cfg.data.std):
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError(f"data.mean={cfg.data.mean} and data.std={cfg.data.std}: set both, or leave both null "
+                          "(the backbone's pretrained normalisation)")
+    if cfg.data.mean is not None and len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError("data.mean and data.std must have the same length")
-    if cfg.data.channels < 1 or len(cfg.data.mean) != cfg.data.channels:
+    if cfg.data.channels < 1 or (cfg.data.mean is not None and len(cfg.data.mean) != cfg.data.channels):
         raise ConfigError(f"data.channels={cfg.data.channels} must be positive, with as many data.mean and data.std "
-                          f"values (got {len(cfg.data.mean)})")
-    if cfg.data.in_memory and cfg.data.augment in ("cub", "svhn"):
+                          f"values (got {len(cfg.data.mean or [])})")
+    if cfg.data.std is not None and not all(v > 0 for v in cfg.data.std):
+        raise ConfigError(f"data.std={cfg.data.std} must be positive")
+    if cfg.data.in_memory and cfg.data.augment in ("cub", "svhn_shift", "svhn_crop"):
         raise ConfigError(f"data.in_memory=true holds decoded samples, which data.augment={cfg.data.augment} would "
-                          "crop and flip afresh each epoch; use it with data.augment=none or digits")
+                          "crop and flip afresh each epoch; use it with data.augment=none, digits or svhn")
     if cfg.data.distortion is not None and cfg.data.distortion not in DIGIT_DISTORTIONS:
         raise ConfigError(f"data.distortion={cfg.data.distortion!r} is not one of null, {', '.join(DIGIT_DISTORTIONS)}")
     if world_size is not None:

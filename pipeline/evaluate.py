@@ -24,6 +24,8 @@ from pipeline.config import Config, apply_overrides, from_dict
 def checkpoint_config(state: Dict[str, Any], overrides: Sequence[str], source: str) -> Config:
     """The checkpoint's config with dotted `overrides` applied, parsed as pipeline.train parses them."""
     cfg = apply_overrides(from_dict(state["config"], source), overrides)
+    from pipeline.models.normalisation import resolve_normalisation
+    resolve_normalisation(cfg)  # a no-op for checkpoints that stored what training resolved (before pretrained=None)
     cfg.model.pretrained = None  # the checkpoint supplies the weights: never download them
     return cfg
 

@@ -171,6 +171,9 @@ def evaluate(model: nn.Module, cfg: Config, manifest: Manifest, split: str, devi
     of samples than the manifest lists, unless max_samples stopped them early.
     """
     from pipeline.precision import autocast, resolve_precision  # the trainer's precision rules, not a copy
+    from pipeline.models.normalisation import resolve_normalisation
+
+    resolve_normalisation(cfg)  # no-op after the trainer or load_model; a direct call gets the model's own
 
     device = torch.device(device)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.cpu_autocast)

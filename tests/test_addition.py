@@ -125,7 +125,8 @@ def test_models_have_about_the_same_size_and_two_transformers_take_both_channels
     assert max(counts.values()) <= 1.1 * min(counts.values()), counts  # Table 4: about the same size
     model = build_row("2xst-fcn")
     assert len(model.transformers) == 2
-    assert all(t.localisation[1].in_features == 2 * 42 * 42 for t in model.transformers)  # each sees both digits
+    first_layers = [[m for m in t.localisation if isinstance(m, torch.nn.Linear)][0] for t in model.transformers]
+    assert all(layer.in_features == 2 * 21 * 21 for layer in first_layers)  # each sees both digits (pooled 2x)
     out = model.attend(torch.rand(3, 2, 42, 42))
     assert out["crops"].shape == (3, 2, 2, 42, 42) and out["boxes"].shape == (3, 2, 4)
     assert model.features[1].in_features == 4 * 21 * 21  # 2 transformers x 2 channels, pooled 2x
@@ -183,3 +184,36 @@ def test_npy_images_must_have_the_configured_channels(addition_data):
     cfg.data.channels, cfg.data.mean, cfg.data.std = 2, [0.0, 0.0], [1.0, 1.0]
     images, targets, _ = next(iter(build_eval_loader(cfg, manifest, "test", 0, 1, batch_size=8, num_workers=0)))
     assert images.shape == (8, 2, 42, 42) and int(targets.max()) <= 18
+
+
+def test_pose_spread_is_zero_for_the_digit_a_transformer_undoes_and_one_at_the_identity():
+    from data_prep.distortions import draw, rotation_scale_theta
+    from pipeline.experiments.addition import pose_spread
+
+    g = torch.Generator().manual_seed(0)
+    drawn = [draw("RTS", 50, g) for _ in range(2)]
+    records = [{"params": [{k: v[i].tolist() for k, v in d.items()} for d in drawn]} for i in range(50)]
+    to_digit = rotation_scale_theta(drawn[0]["rotation_deg"], drawn[0]["scale"], drawn[0]["center_offset_px"], 42)
+    square = torch.cat([to_digit, torch.tensor([[[0.0, 0.0, 1.0]]], dtype=torch.float64).expand(50, 1, 3)], 1)
+    undo_first = torch.linalg.inv(square)[:, :2].float()              # digit 0 back in its own frame
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(50, 2, 3)
+
+    class Known(torch.nn.Module):
+        def attend(self, x):
+            return {"theta": torch.stack([undo_first, identity], 1)}
+
+    spread = pose_spread(Known(), torch.zeros(50, 2, 42, 42, dtype=torch.uint8), records)
+    assert spread[0][0] < 1e-4 and spread[0][1] > 0.5   # transformer 1 stabilises digit 0 only
+    assert spread[1] == [1.0, 1.0]                      # the identity leaves both poses as they were
+
+
+def test_window_share_bound_on_apart_and_overlapping_digits():
+    from pipeline.experiments.addition import window_share_bound
+
+    apart = torch.zeros(1, 2, 42, 42, dtype=torch.uint8)
+    apart[0, 0, 2:10, 2:10] = 255
+    apart[0, 1, 30:40, 30:40] = 255
+    assert window_share_bound(apart) == [1.0, 1.0]
+    overlapping = torch.zeros(1, 2, 42, 42, dtype=torch.uint8)
+    overlapping[0, :, 10:20, 10:20] = 255
+    assert window_share_bound(overlapping) == [0.5, 0.5]

@@ -23,7 +23,7 @@ def test_unknown_key_in_file_names_file(tmp_path):
 
 @pytest.mark.parametrize("override, key", [
     ("data.distortion=XY", "data.distortion"),
-    ("data.channels=2", "data.channels"),
+    ("data.channels=0", "data.channels"),
     ("model.transform=spiral", "model.transform"),
     ("train.global_batch_size=0", "train.global_batch_size"),
     ("model.num_streams=abc", "model.num_streams"),

@@ -284,7 +284,8 @@ def _spot_image(width, height, x, y, half):
 
 
 @pytest.mark.parametrize("augment,width,height,fmt", [("cub", 120, 80, "PNG"), ("none", 120, 80, "PNG"),
-                                                      ("svhn", 70, 60, "PNG"), ("cub", 960, 640, "JPEG")])
+                                                      ("svhn", 70, 60, "PNG"), ("svhn_crop", 70, 60, "PNG"),
+                                                      ("svhn_shift", 70, 60, "PNG"), ("cub", 960, 640, "JPEG")])
 def test_eval_view_maps_original_pixels_to_input_pixels(augment, width, height, fmt):
     """A bright square at a known original position lands where View.to_input says."""
     cfg = tiny_config(f"data.augment={augment}", "model.input_size=32")
@@ -306,7 +307,9 @@ def test_eval_view_maps_original_pixels_to_input_pixels(augment, width, height, 
 def test_effective_resize_follows_the_paper_ratios():
     assert effective_resize(tiny_config("model.input_size=448")) == 512
     assert effective_resize(tiny_config("model.input_size=224")) == 256
-    assert effective_resize(tiny_config("model.input_size=54", "data.augment=svhn")) == 64
+    assert effective_resize(tiny_config("model.input_size=54", "data.augment=svhn_crop")) == 64
+    assert effective_resize(tiny_config("model.input_size=64", "data.augment=svhn_shift")) == 74
+    assert effective_resize(tiny_config("model.input_size=64", "data.augment=svhn")) == 64
     assert effective_resize(tiny_config("model.input_size=224", "data.resize=300")) == 300
     assert effective_resize(tiny_config("model.input_size=224", "data.augment=none")) == 224
     with pytest.raises(DataError, match="data.resize=100 is smaller than model.input_size=224"):

@@ -72,8 +72,26 @@ def test_nxst_init_windows_tile_the_image(num_streams):
     expected = window_boxes(window_theta("attention", tiling_windows(num_streams, 0.5).float()), "attention")
     torch.testing.assert_close(boxes, expected.expand_as(boxes), atol=1e-6, rtol=0)
     assert boxes.min() >= -1.0 and boxes.max() <= 1.0
-    if num_streams == 2:  # left and right parts of the image, centred vertically
-        assert boxes[0, 0, 2] < boxes[0, 1, 2] and boxes[0, 0, 0] < 0 < boxes[0, 1, 2]
+    if num_streams == 2:  # the left and right halves of the middle band: the full width, no overlap
+        torch.testing.assert_close(boxes[0], torch.tensor([[-1.0, -0.5, 0.0, 0.5], [0.0, -0.5, 1.0, 0.5]]))
+
+
+def test_nxst_four_windows_start_on_the_quadrants_exactly():
+    """Paper A.5: the 4 x ST-CNN's windows are 'initialised to tile the image plane': at scale 0.5
+    of the input, each window is one quadrant (its crop is that quadrant's pixels), their union the image."""
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=64, crop_size=32, num_streams=4,
+                         num_classes=5).eval()
+    x = _input(SMALL["nxst_cnn"], batch=3)
+    seen = model.attend(x)
+    quadrants = torch.tensor([[-1.0, -1.0, 0.0, 0.0], [0.0, -1.0, 1.0, 0.0],    # [x0, y0, x1, y1]: top-left, top-right,
+                              [-1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])     # bottom-left, bottom-right
+    torch.testing.assert_close(seen["boxes"], quadrants.expand(3, 4, 4), atol=1e-6, rtol=0)
+    for i, (rows, cols) in enumerate([(slice(0, 32), slice(0, 32)), (slice(0, 32), slice(32, 64)),
+                                      (slice(32, 64), slice(0, 32)), (slice(32, 64), slice(32, 64))]):
+        torch.testing.assert_close(seen["crops"][:, i], x[:, :, rows, cols], atol=1e-5, rtol=0)
+    # the tanh bound holds the start strictly inside: the windows can still move either way
+    st = model.transformer
+    assert st.bound == "tanh" and seen["theta"].abs().max() < st.window_room()
 
 
 def test_nxst_one_localisation_net_shared_by_all_streams():
@@ -101,6 +119,27 @@ def test_nxst_localisation_sees_downscaled_input_and_gets_gradients():
     model(_input(SMALL["nxst_cnn"])).sum().backward()
     assert tuple(seen["shape"][-2:]) == (32, 32)  # paper A.5: 448 -> 224 before the localisation net
     assert model.transformer.head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loc_grid, cells", [(None, 4 * 4), (2, 2 * 2)])
+def test_nxst_localisation_fc_reads_the_whole_map_in_place_by_default(loc_grid, cells):
+    """Paper A.5 flattens the trunk's last map into the fc layer: at a 256 px input (128 px for the
+    trunk) test_resnet's stride-32 map is 4 x 4, and the fc reads its 16 cells as they are, so it
+    knows where each feature is. loc_grid=k, the option, average-pools the map to k x k first."""
+    model = create_model("nxst_cnn", backbone="test_resnet", input_size=256, crop_size=128, num_streams=2,
+                         num_classes=5, loc_grid=loc_grid)
+    loc = model.transformer.localisation
+    assert loc.fc.in_features == 128 * cells
+    seen = {}
+    loc.fc.register_forward_pre_hook(lambda m, args: seen.update(fc_input=args[0]))
+    x = _input({"input_size": 256})
+    model(x)
+    with torch.no_grad():
+        feature_map = loc.feature_map(x)
+    assert feature_map.shape[-2:] == (4, 4)
+    expected = feature_map.flatten(1) if loc_grid is None else torch.nn.functional.adaptive_avg_pool2d(
+        feature_map, loc_grid).flatten(1)
+    torch.testing.assert_close(seen["fc_input"], expected)
 
 
 @pytest.mark.parametrize("loc_downscale, side", [(1, 64), (4, 16)])
@@ -407,3 +446,19 @@ def test_loc_features_stream_reads_the_first_streams_map_without_training_it():
     assert model2.transformer.localisation.reduce.weight.grad is not None
     with pytest.raises(ValueError, match="loc_features='stream' needs loc_head='softargmax'"):
         create_model("nxst_cnn", **kw | {"loc_head": "linear"}, loc_features="stream")
+
+
+def test_a_checkpoint_of_the_pooled_localisation_fc_names_the_setting_that_loads_it(tmp_path):
+    from pipeline.train.checkpoint import CheckpointError, load_weights
+
+    old = dict(loc_grid=4, bound="tanh_inside")  # the earlier layout: fc on the map pooled to 4 x 4, inset windows
+    before = create_model("nxst_cnn", **SMALL["nxst_cnn"], **old)
+    flat = create_model("nxst_cnn", **SMALL["nxst_cnn"])                  # now: the 1 x 1 map of a 32 px trunk input
+    with pytest.raises(CheckpointError, match="model.extra.loc_grid=4 model.extra.bound=tanh_inside"):
+        load_weights(flat, before.state_dict(), tmp_path / "old.pt", "nxst_cnn")
+    again = create_model("nxst_cnn", **SMALL["nxst_cnn"], **old)
+    load_weights(again, before.state_dict(), tmp_path / "old.pt", "nxst_cnn")
+    x = _input(SMALL["nxst_cnn"])
+    theta = again.eval().attend(x)["theta"]
+    torch.testing.assert_close(theta, torch.tensor([[-0.25, 0.0], [0.25, 0.0]]).expand_as(theta), atol=1e-6, rtol=0)
+    assert again.transformer.window_room() == 0.5   # windows kept inside the image, as they were trained

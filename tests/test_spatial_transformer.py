@@ -187,13 +187,34 @@ def test_bad_kind_and_shape_name_the_value():
 
 @pytest.mark.parametrize("num, expected", [
     (1, [[0.0, 0.0]]),
-    (2, [[-0.25, 0.0], [0.25, 0.0]]),
-    (4, [[-0.25, -0.25], [0.25, -0.25], [-0.25, 0.25], [0.25, 0.25]]),
+    (2, [[-0.5, 0.0], [0.5, 0.0]]),                                     # left and right halves of the middle band
+    (3, [[-0.5, 0.0], [0.0, 0.0], [0.5, 0.0]]),                         # a row of three, moved in to stay inside
+    (4, [[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]),          # the quadrants (paper A.5)
 ])
 def test_tiling_windows(num, expected):
     windows = tiling_windows(num, 0.5)
     torch.testing.assert_close(windows[:, 1:], torch.tensor(expected, dtype=torch.float64))
     assert (windows[:, 0] == 0.5).all()
+
+
+def test_tiling_windows_inset_is_the_soft_argmax_start():
+    inset = tiling_windows(4, 0.5, inset=True)[:, 1:]
+    torch.testing.assert_close(inset, tiling_windows(4, 0.5)[:, 1:] * 0.5)
+
+
+@pytest.mark.parametrize("kind", ["translation", "attention"])
+def test_tanh_bound_contains_the_tiling_start_strictly_and_lets_windows_go_past_it(kind):
+    # Paper A.5: 4 windows of scale 0.5 start on the quadrants, centres +-0.5. The bound must hold
+    # them strictly inside (a finite raw bias, a tanh slope well above 0) and let them move further out.
+    st = SpatialTransformer(_Flatten(), 12, kind, 4, num_transforms=4, scale=0.5, bound="tanh")
+    raw = st.head.bias.detach().reshape(4, -1)[:, -2:]
+    assert torch.isfinite(st.head.bias).all()
+    assert (1 - torch.tanh(raw) ** 2).min() >= 0.7                       # slope 0.75 at |t| = 0.5
+    centres = st.initial_theta()[:, -2:] if kind == "translation" else st.initial_theta()[:, 1:]
+    torch.testing.assert_close(centres.abs(), torch.full((4, 2), 0.5))
+    with torch.no_grad():
+        st.head.bias.mul_(3.0)                                             # push every window outwards
+    assert (st.predict(torch.zeros(1, 12))[0, :, -2:].abs() > 0.8).all()
 
 
 class _Flatten(nn.Module):
@@ -246,13 +267,14 @@ def test_transform_head_runs_in_float32_under_autocast():
     torch.testing.assert_close(theta, st(x)[1])
 
 
-def test_tanh_bound_keeps_windows_inside():
+def test_tanh_bound_keeps_window_centres_inside():
     st = SpatialTransformer(_Flatten(), 12, "translation", 4, num_transforms=2, scale=0.5, bound="tanh")
     with torch.no_grad():
         st.head.weight.fill_(50.0)
     theta = st.predict(torch.randn(3, 12) * 10)
-    boxes = st.boxes(theta)
-    assert boxes.min() >= -1.0 and boxes.max() <= 1.0
+    assert theta.abs().max() <= 1.0 and st.window_room() == 1.0
+    boxes = st.boxes(theta)                                                # at most half of a window outside
+    assert boxes.min() >= -1.5 and boxes.max() <= 1.5
 
 
 def test_spatial_transformer_rejects_bad_settings():

@@ -58,9 +58,12 @@ def test_two_rank_run_trains_evaluates_and_writes_its_run_dir(ddp_run, shards):
     assert all(l["num_samples"] == num_test for l in evals)
     assert all(l["top1"] * num_test == pytest.approx(round(l["top1"] * num_test)) for l in evals)  # correct / all
 
-    # The resolved config reads back as the config the run was given.
+    # The resolved config reads back as the config the run was given, its null normalisation resolved.
+    from pipeline.models.normalisation import resolve_normalisation
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved == to_dict(load_config(None, overrides))
+    given = load_config(None, overrides)
+    resolve_normalisation(given)
+    assert saved == to_dict(given)
 
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     ckpts = run_dir / "checkpoints"

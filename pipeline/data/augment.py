@@ -3,13 +3,26 @@
 | data.augment | train                                                   | eval                          |
 |--------------|---------------------------------------------------------|-------------------------------|
 | cub          | shorter side -> resize, random input_size crop, h-flip  | shorter side -> resize, centre crop |
-| svhn         | resize x resize, random input_size crop (no flip)       | resize x resize, centre crop  |
+| svhn         | the whole crop -> input_size (no augmentation)          | the whole crop -> input_size  |
+| svhn_shift   | the whole crop -> input_size, moved up to +-5/64 of a side | the whole crop -> input_size |
+| svhn_crop    | resize x resize, random input_size crop (no flip)       | resize x resize, centre crop  |
 | digits       | input_size x input_size                                 | same                          |
 | none         | input_size x input_size                                 | same                          |
 
-cub follows paper A.5 (512 -> random 448 crop); svhn follows A.4 (64x64 crops -> random 54x54).
-`resize` is data.resize; the default 512 is the paper's value for input 448 and is scaled with
-the input size for other sizes and presets (224 -> 256, SVHN 54 -> 64) unless set to another value.
+cub follows paper A.5 (512 -> random 448 crop). The SVHN shards hold the paper's 64 x 64 (128 x
+128) crops around the digits (data_prep svhn, following Goodfellow et al. [13]); `svhn`, the SVHN
+configs' preset, feeds the whole crop, in training and evaluation, as paper 4.2 / A.4 describe
+the input. The paper's references train on more views: [13] crops a 54 x 54 window at a random
+place of the 64 x 64 image (Ba et al. [1] take [13]'s preprocessing). `svhn_crop` is that, as
+[13] describe it, for a network of any input_size: a random window of 54/64 of the crop's side,
+resized to input_size (data.resize = input_size * 64/54: 76 for 64, 152 for 128); evaluation
+then takes the centre window (54/64 of the side), the view of the scale the network learnt, not
+the whole crop. `svhn_shift` keeps the whole crop at its own scale, the view evaluation sees, and
+gives it the displacements [13]'s random windows give the digits (up to +-5 px of 64 each way,
++-10 of 128; the side is padded by repeating its edge pixels to data.resize = input_size * 74/64
+and input_size is cropped at a random place). No flips: a mirrored digit is another digit.
+`resize` is data.resize; its default is the preset's ratio times input_size (the paper's 512
+for 448; 224 -> 256) unless set to another value.
 """
 from __future__ import annotations
 
@@ -23,7 +36,8 @@ from pipeline.config import Config
 from pipeline.data.manifest import DataError
 
 # Resize / crop ratios of the paper's presets, used when data.resize is null.
-RESIZE_RATIO = {"cub": 512 / 448, "svhn": 64 / 54}
+# svhn_crop: [13]'s 64 -> random 54 window; svhn_shift: 64 padded by [13]'s +-5 px displacements each way.
+RESIZE_RATIO = {"cub": 512 / 448, "svhn_crop": 64 / 54, "svhn_shift": 74 / 64}
 
 
 def effective_resize(cfg: Config) -> int:
@@ -46,8 +60,12 @@ def train_augment(cfg: Config):
     area = {"area_for_downscale": "image"}  # INTER_AREA when shrinking (no aliasing), linear when enlarging
     if cfg.data.augment == "cub":
         steps = [A.SmallestMaxSize(max_size=resize, **area), A.RandomCrop(size, size), A.HorizontalFlip(p=0.5)]
-    elif cfg.data.augment == "svhn":  # flipping digits would change their meaning
+    elif cfg.data.augment == "svhn_crop":  # flipping digits would change their meaning
         steps = [A.Resize(resize, resize, **area), A.RandomCrop(size, size)]
+    elif cfg.data.augment == "svhn_shift":  # the whole crop, displaced by up to (resize - size) / 2 px
+        steps = [A.Resize(size, size, **area),
+                 A.PadIfNeeded(resize, resize, border_mode=cv2.BORDER_REPLICATE, position="center"),
+                 A.RandomCrop(size, size)]
     else:
         steps = [A.Resize(size, size, **area)]
     return A.Compose(steps, seed=cfg.train.seed)
@@ -85,9 +103,9 @@ def eval_view(width: int, height: int, cfg: Config) -> Tuple[View, Tuple[int, in
     if cfg.data.augment == "cub":
         short = min(width, height)
         new_w, new_h = max(size, round(width * resize / short)), max(size, round(height * resize / short))
-    elif cfg.data.augment == "svhn":
+    elif cfg.data.augment == "svhn_crop":
         new_w = new_h = resize
-    else:
+    else:  # svhn, svhn_shift, digits, none: the whole image
         new_w = new_h = size
     view = View(new_w / width, new_h / height, (new_w - size) // 2, (new_h - size) // 2, size)
     return view, (new_w, new_h)

@@ -33,11 +33,14 @@ import torch
 from .distorted import CONFIGS, ExperimentError, _cell, _choices, append_result, as_input, load_results, load_run
 
 # Table 4's rows: key -> (label, config under configs/digits, model.extra overrides)
+# Every classifier sees the image average-pooled 2x (21x21 a channel): the transformers' outputs as in A.3
+# on RTS, the FCN's and CNN's input likewise (`pool_input`), so a transformer's gain is where it looks.
+ST = {"pool_after_st": True, "loc_downscale": 2}
 ROWS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
-    "fcn": ("FCN", "fcn", {}),
-    "cnn": ("CNN", "cnn", {}),
-    "st-fcn": ("ST-FCN", "st_fcn", {"pool_after_st": True, "num_transformers": 1}),
-    "2xst-fcn": ("2xST-FCN", "addition_2xst_fcn", {"pool_after_st": True, "num_transformers": 2}),
+    "fcn": ("FCN", "fcn", {"pool_input": True}),
+    "cnn": ("CNN", "cnn", {"pool_input": True}),
+    "st-fcn": ("ST-FCN", "st_fcn", ST | {"num_transformers": 1}),
+    "2xst-fcn": ("2xST-FCN", "addition_2xst_fcn", ST | {"num_transformers": 2}),
 }
 PAPER_ERROR = {"fcn": 47.7, "cnn": 14.7, "st-fcn": 18.5, "2xst-fcn": 5.8}  # Table 4, test error %
 SIZE = 42            # the RTS canvas, one per digit
@@ -55,8 +58,9 @@ class AdditionProfile:
     steps: int = 6000
     batch_size: int = 128
     lr: float = 0.001
-    milestones: Tuple[float, ...] = (2 / 3, 5 / 6)  # fractions of the run where lr is divided by 10
-    target_params: int = 400_000   # two FC 32-32-32 localisation nets on 2x42x42 inputs take 226k of it
+    milestones: Tuple[float, ...] = (0.85, 0.95)  # fractions of the run where lr is divided by 10: late,
+    #   as the models are still learning fast (an early drop at 2/3 stalled the 2xST-FCN, measured)
+    target_params: int = 200_000   # the 2xST-FCN's two localisation nets take 61k of it
     train_count: Optional[int] = 8000
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -130,7 +134,7 @@ def run_config(profile: AdditionProfile, key: str, seed: int, data_root: Path):
         "data.std=[1.0,1.0]", f"model.input_size={SIZE}", "model.num_classes=19", "model.extra.in_channels=2",
         *(f"model.extra.{k}={str(v).lower()}" for k, v in extra.items()),
         f"train.seed={seed}", f"run.dir={run_dir}", "train.resume=auto"]
-    if extra:
+    if "num_transformers" in extra:
         overrides.append("model.transform=affine")
     return load_config(CONFIGS / f"{config_name}.yaml", overrides)
 
@@ -156,20 +160,26 @@ def train_one(profile: AdditionProfile, key: str, seed: int, data_root: Path) ->
 
 # ---- what the transformers learnt ----------------------------------------------------------------
 
-def test_pairs(data_root: Path, limit: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The first `limit` test pairs: (uint8 (N, 2, 42, 42), sums (N,)), read by the evaluation loader."""
-    from pipeline.config import Config, DataConfig, ModelConfig
-    from pipeline.data import build_eval_loader, read_manifest
+def test_pairs(data_root: Path, limit: int) -> Tuple[torch.Tensor, torch.Tensor, List[Dict]]:
+    """The first `limit` test pairs as stored: (uint8 (N, 2, 42, 42), sums (N,), each pair's JSON record
+    with the two digits' distortion parameters, for scoring only)."""
+    import io
 
-    cfg = Config(model=ModelConfig(input_size=SIZE), data=DataConfig(root=str(data_root), augment="none", channels=2,
-                                                                     mean=[0.0, 0.0], std=[1.0, 1.0]))
-    images, labels = [], []
-    for batch, targets, _ in build_eval_loader(cfg, read_manifest(data_root), "test", 0, 1, 500, num_workers=0):
-        images.append(batch)
-        labels.append(targets)
-        if sum(len(b) for b in images) >= limit:
+    import numpy as np
+    import webdataset as wds
+
+    from pipeline.data import read_manifest
+
+    images, labels, records = [], [], []
+    samples = wds.DataPipeline(wds.SimpleShardList(read_manifest(data_root).shard_paths("test")),
+                               wds.tarfile_to_samples())
+    for sample in samples:
+        images.append(torch.from_numpy(np.load(io.BytesIO(sample["npy"]))).permute(2, 0, 1))
+        labels.append(int(sample["cls"]))
+        records.append(json.loads(sample["json"]))
+        if len(images) == limit:
             break
-    return torch.cat(images)[:limit], torch.cat(labels)[:limit]
+    return torch.stack(images), torch.tensor(labels), records
 
 
 @torch.no_grad()
@@ -177,9 +187,60 @@ def channel_share(model, images: torch.Tensor) -> List[List[float]]:
     """Per transformer, the share of its output's energy (sum of squared pixels) in each output channel,
     i.e. coming from each input channel (a transformer warps every channel alike), averaged over images."""
     crops = model.attend(as_input(images))["crops"].float()       # (B, N, C, S, S)
-    energy = crops.pow(2).flatten(3).sum(-1)                      # (B, N, C)
+    return _shares(crops.pow(2).flatten(3).sum(-1))
+
+
+def _shares(energy: torch.Tensor) -> List[List[float]]:
+    """(B, N, C) energies -> per row n the mean over B of each channel's share."""
     share = energy / energy.sum(-1, keepdim=True).clamp_min(1e-12)
     return [[round(float(v), 4) for v in row] for row in share.mean(0)]
+
+
+def window_share_bound(images: torch.Tensor) -> List[float]:
+    """What a window can reach at best: per channel c, the share of channel c in the energy inside the
+    tight box around channel c's digit, averaged over pairs. RTS places both 28 px digits near the 42 px
+    canvas's centre, so a window holding one digit whole holds much of the other: this bounds the
+    energy share of any transformer that keeps its digit in view."""
+    x = images.float().div(255.0)
+    bound = []
+    for c in range(x.shape[1]):
+        shares = []
+        for pair in x:
+            ys, xs = (pair[c] > 0.1).nonzero(as_tuple=True)
+            if len(ys):
+                inside = pair[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1].pow(2).flatten(1).sum(-1)
+                shares.append(float(inside[c] / inside.sum()))
+        bound.append(round(statistics.fmean(shares), 4))
+    return bound
+
+
+@torch.no_grad()
+def pose_spread(model, images: torch.Tensor, records: Sequence[Dict]) -> List[List[float]]:
+    """The paper's "each transformer stabilises one digit", measured: per transformer k and channel c, how
+    much the pose of channel c's digit still varies in transformer k's output, relative to the input
+    (1: as much as in the input, as with the identity; 0: every digit in one pose). A digit's pose in
+    the output is the affine map from output coordinates to the digit's own: the transformer's warp,
+    then the inverse of the digit's recorded RTS distortion; its spread is the mean distance of the
+    2x3 maps from their mean over the pairs."""
+    from data_prep.distortions import rotation_scale_theta
+
+    theta = model.attend(as_input(images))["theta"].double()          # (B, N, 2, 3): output -> canvas
+    spreads = []
+    for k in range(theta.shape[1]):
+        row = []
+        for c in range(images.shape[1]):
+            p = {key: torch.tensor([r["params"][c][key] for r in records], dtype=torch.float64)
+                 for key in ("rotation_deg", "scale", "center_offset_px")}
+            to_digit = rotation_scale_theta(p["rotation_deg"], p["scale"], p["center_offset_px"], SIZE)  # canvas -> digit
+            pose = torch.cat([to_digit[..., :2] @ theta[:, k, :, :2],
+                              to_digit[..., :2] @ theta[:, k, :, 2:] + to_digit[..., 2:]], -1)
+            row.append(round(_spread(pose) / _spread(to_digit), 4))
+        spreads.append(row)
+    return spreads
+
+
+def _spread(maps: torch.Tensor) -> float:
+    return float((maps - maps.mean(0)).flatten(1).norm(dim=1).mean())
 
 
 def pairs_picture(model, images: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
@@ -217,34 +278,42 @@ def run(profile: AdditionProfile, train_missing: bool = True) -> Dict:
             print(f"{key:<9} seed {seed}: test error {error} ({record['wall_s']:.0f} s)", flush=True)
     records = [r for r in load_results(results_path) if r.get("settings") == settings
                and r["model"] in profile.models and r["seed"] < profile.seeds]
-    shares: Dict[str, List[List[List[float]]]] = {}
-    picture = None
+    stats: Dict[str, List[Dict[str, List[List[float]]]]] = {}  # model -> per seed {"channel_share", "pose_spread"}
+    picture, bound = None, None
     if records:
-        images, labels = test_pairs(root, STATS_IMAGES)
+        images, labels, pairs = test_pairs(root, STATS_IMAGES)
+        bound = window_share_bound(images)
         for r in sorted(records, key=lambda r: r["seed"]):
-            if ROWS[r["model"]][2] and r["test_error"] is not None:
+            if "num_transformers" in ROWS[r["model"]][2] and r["test_error"] is not None:
                 model = load_run(r["run_dir"])[0]
-                shares.setdefault(r["model"], []).append(channel_share(model, images))
+                stats.setdefault(r["model"], []).append({"channel_share": channel_share(model, images),
+                                                         "pose_spread": pose_spread(model, images, pairs)})
                 if r["model"] == "2xst-fcn" and picture is None:
                     picture = pairs_picture(model, images[:profile.num_examples], labels[:profile.num_examples],
                                             out / "addition.png")
-    return write_report(profile, records, shares, picture, time.time() - started)
+    return write_report(profile, records, stats, bound, picture, time.time() - started)
 
 
-def summary_json(records: Sequence[Dict], shares: Dict[str, List], seeds: int) -> Dict:
-    """{"seeds", "errors": {model: {"mean", "std", "n"}}, "channel_share": 2xST-FCN's [[a, b], [c, d]],
-    "channel_share_per_seed": {model: [per seed]}}."""
+def _mean_over_seeds(per_seed: List[Dict], name: str) -> List[List[float]]:
+    values = torch.tensor([seed[name] for seed in per_seed])          # (seeds, transformers, channels)
+    return [[round(float(v), 4) for v in row] for row in values.mean(0)]
+
+
+def summary_json(records: Sequence[Dict], stats: Dict[str, List], seeds: int, bound: Optional[List[float]]) -> Dict:
+    """{"seeds", "errors": {model: {"mean", "std", "n"}}, "channel_share": the 2xST-FCN's [[a, b], [c, d]]
+    (mean over seeds), "pose_spread": the same for the pose spread, "window_share_bound": per channel,
+    "per_seed": {model: [{"channel_share", "pose_spread"} per seed]}}."""
     errors = {}
     for key in ROWS:
         done = [r["test_error"] for r in records if r["model"] == key and r["test_error"] is not None]
         if done:
             errors[key] = {"mean": round(statistics.fmean(done), 3),
                            "std": round(statistics.stdev(done), 3) if len(done) > 1 else 0.0, "n": len(done)}
-    mean_share = None
-    if shares.get("2xst-fcn"):
-        per_seed = torch.tensor(shares["2xst-fcn"])                 # (seeds, 2 transformers, 2 channels)
-        mean_share = [[round(float(v), 4) for v in row] for row in per_seed.mean(0)]
-    return {"seeds": seeds, "errors": errors, "channel_share": mean_share, "channel_share_per_seed": shares}
+    two = stats.get("2xst-fcn")
+    return {"seeds": seeds, "errors": errors,
+            "channel_share": _mean_over_seeds(two, "channel_share") if two else None,
+            "pose_spread": _mean_over_seeds(two, "pose_spread") if two else None,
+            "window_share_bound": bound, "per_seed": stats}
 
 
 def format_table(records: Sequence[Dict], models: Sequence[str]) -> str:
@@ -257,18 +326,20 @@ def format_table(records: Sequence[Dict], models: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def share_table(shares: Dict[str, List]) -> str:
-    """Per seed and transformer: the share of its output energy from channel 0 (first digit) / 1."""
-    lines = ["| Model | seed | transformer | from channel 0 | from channel 1 |", "|---|---|---|---|---|"]
-    for key, per_seed in shares.items():
-        for seed, rows in enumerate(per_seed):
-            for k, (a, b) in enumerate(rows):
-                lines.append(f"| {ROWS[key][0]} | {seed} | {k + 1} | {a:.2f} | {b:.2f} |")
+def transformer_table(stats: Dict[str, List]) -> str:
+    """Per seed and transformer: the share of its output energy from channel 0 (first digit) / 1, and how
+    much each digit's pose still varies in its output (1: as in the input, 0: one pose)."""
+    lines = ["| Model | seed | transformer | energy from channel 0 | from channel 1 | pose spread, digit 0 "
+             "| digit 1 |", "|---|---|---|---|---|---|---|"]
+    for key, per_seed in stats.items():
+        for seed, got in enumerate(per_seed):
+            for k, ((a, b), (p, q)) in enumerate(zip(got["channel_share"], got["pose_spread"])):
+                lines.append(f"| {ROWS[key][0]} | {seed} | {k + 1} | {a:.2f} | {b:.2f} | {p:.2f} | {q:.2f} |")
     return "\n".join(lines)
 
 
-def write_report(profile: AdditionProfile, records: List[Dict], shares: Dict, picture: Optional[Path],
-                 wall: float) -> Dict:
+def write_report(profile: AdditionProfile, records: List[Dict], stats: Dict, bound: Optional[List[float]],
+                 picture: Optional[Path], wall: float) -> Dict:
     out = Path(profile.out)
     table = format_table(records, profile.models)
     header = (f"MNIST addition, profile '{profile.name}': test error (%) on {records[0]['num_test'] if records else 0} "
@@ -278,12 +349,15 @@ def write_report(profile: AdditionProfile, records: List[Dict], shares: Dict, pi
               f"{profile.seeds} seed(s), mean ± std over seeds; {len(records)} runs took "
               f"{sum(r['wall_s'] for r in records) / 60:.1f} min.\n\n")
     text = header + table
-    if shares:
-        text += ("\n\nShare of each transformer's output energy from each input channel (mean over the first "
-                 f"{STATS_IMAGES} test pairs):\n\n" + share_table(shares))
+    if stats:
+        text += (f"\n\nWhat each transformer does on the first {STATS_IMAGES} test pairs: the share of its output's "
+                 "energy from each input channel (a window holding a whole digit reaches at most "
+                 f"{' / '.join(f'{b:.2f}' for b in bound)} for channel 0 / 1: the two digits overlap), and how much "
+                 "each digit's pose varies in its output (1: as in the input, 0: one canonical pose):\n\n"
+                 + transformer_table(stats))
     table_path = out / "table.md"
     table_path.write_text(text + "\n")
-    summary = summary_json(records, shares, profile.seeds)
+    summary = summary_json(records, stats, profile.seeds, bound)
     (out / "addition_mnist.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.json").write_text(json.dumps({"profile": asdict(profile), "wall_s": wall, "runs": records},
                                                  indent=1, default=str))

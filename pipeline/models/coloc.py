@@ -8,7 +8,8 @@ The transformer is the paper's: an `attention` transform (scale and translation,
 from a localisation net of 8 9x9 conv filters at stride 4, 2x2 max-pooling, FC 8, FC 8, FC 3
 (`localisation_net`: 5,947 parameters on 84 px inputs with the head; the paper's "~100k" is not
 what these layers hold, see docs/experiments.md), sampling a 28x28 crop. It starts as a centred
-28x28 crop (s = 28/84) and is bounded (`bound="tanh"`): s in (0, 1), the crop inside the image.
+28x28 crop (s = 28/84) and is bounded (`bound="tanh_inside"`): s in (0, 1), the crop inside the
+image (a crop of the zero padding would be one more blank crop), as r(I_n)'s windows are.
 
 The loss (A.2) needs no labels and no boxes: with e() a frozen feature network, for image n, the
 crop T(I_n), another image's crop T(I_m) (m: the batch rolled by one) and a random crop r(I_n)
@@ -141,5 +142,5 @@ def digits_coloc_st(input_size: int = 84, crop_size: int = 28, transform: str = 
     if transform not in ("attention", "translation"):
         raise ValueError(f"model.extra.transform={transform!r}: expected attention (scale + translation) or translation")
     transformer = SpatialTransformer(localisation_net(input_size), 8, transform, crop_size, num_transforms=1,
-                                     scale=init_scale or crop_size / input_size, bound="tanh")
+                                     scale=init_scale or crop_size / input_size, bound="tanh_inside")
     return CoLocaliser(transformer, FeatureNet(load_feature_cnn(feature_checkpoint), normalize_features), margin)

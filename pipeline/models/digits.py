@@ -8,13 +8,17 @@
   The convs are unpadded, which keeps the 7x7 conv (where the parameters are) on a small map and
   the CNN cheap enough to train on CPU; only inputs under 28 px (the 21x21 output of a pooled
   transformer on RTS) get the first conv zero-padded to keep its size.
-- `in_channels`: input channels (MNIST addition, paper A.1: 2, a digit in each); `num_transformers`:
-  transformers in parallel, each warping the whole input, outputs concatenated (A.1's 2xST-FCN).
 - ST-FCN / ST-CNN: a spatial transformer (`affine`, `projective` or 16-point `tps`) at the start,
   then the FCN / CNN. Localisation: FC 32-32-32 on the image (ST-FCN); on a 2x downsampled image,
   two unpadded 20-filter 5x5 convs with 2x2 max-pooling between them, then a 20-unit FC (ST-CNN). The
   transformer starts at the identity (zero weights, identity bias); with `pool_after_st` its output
   is average-pooled 2x (RTS and TC in the paper), so the classifier sees a 21x21 / 30x30 image.
+
+- MNIST addition (paper A.1): `in_channels` 2 (a digit in each); `num_transformers` transformers in
+  parallel, each warping the whole input with its own localisation net, outputs concatenated (the
+  2xST-FCN); `loc_downscale` (the ST-FCN localisation FC on the input average-pooled this many
+  times smaller); `pool_input` (the FCN / CNN classify the input average-pooled 2x, the size the
+  pooled transformers' outputs have).
 
 `width=None` picks the width that brings the whole model closest to `target_params` (400k, as in
 the paper), so every model of one experiment has about the same number of parameters. Inputs are
@@ -46,12 +50,12 @@ class DigitsNet(nn.Module):
     task = "classification"
 
     def __init__(self, features: nn.Module, head: nn.Module,
-                 transformers: Sequence[SpatialTransformer] = (), pool_after_st: bool = False):
+                 transformers: Sequence[SpatialTransformer] = (), pool: bool = False):
         super().__init__()
         # The first keeps the attribute name single-transformer checkpoints were saved under.
         self.transformer = transformers[0] if transformers else None
         self.other_transformers = nn.ModuleList(transformers[1:])
-        self.pool = nn.AvgPool2d(2) if pool_after_st else nn.Identity()
+        self.pool = nn.AvgPool2d(2) if pool else nn.Identity()  # the classifier's input, 2x smaller
         self.features = features
         self.head = head
         self.num_streams = len(transformers)
@@ -62,8 +66,8 @@ class DigitsNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transformer is not None:
-            x = self.pool(torch.cat([transformer(x)[0][:, 0] for transformer in self.transformers], 1))
-        return self.head(self.features(x))
+            x = torch.cat([transformer(x)[0][:, 0] for transformer in self.transformers], 1)
+        return self.head(self.features(self.pool(x)))
 
     @torch.no_grad()
     def attend(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -104,9 +108,13 @@ def cnn_features(input_size: int, width: int, channels: int = 1) -> nn.Sequentia
                          nn.Conv2d(width, 2 * width, 7), nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten())
 
 
-def fcn_localisation(input_size: int, channels: int = 1) -> nn.Sequential:
-    """Paper A.3 ST-FCN: FC 32-32-32 on the full image."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(channels * input_size * input_size, 32), nn.ReLU(inplace=True),
+def fcn_localisation(input_size: int, channels: int = 1, downscale: int = 1) -> nn.Sequential:
+    """Paper A.3 ST-FCN: FC 32-32-32 on the full image (`downscale`: on the image average-pooled this
+    many times smaller, as the ST-CNN's localisation sees it; most of the net's parameters are its
+    first layer's, one row per input pixel)."""
+    side = input_size // downscale
+    pool = [nn.AvgPool2d(downscale)] if downscale > 1 else []  # none: the layer indices older checkpoints hold
+    return nn.Sequential(*pool, nn.Flatten(), nn.Linear(channels * side * side, 32), nn.ReLU(inplace=True),
                          nn.Linear(32, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True))
 
 
@@ -128,12 +136,13 @@ def cnn_localisation(input_size: int, channels: int = 1) -> nn.Sequential:
 
 
 def _build(backbone: str, input_size: int, num_classes: int, width: int, transform: Optional[str],
-           pool_after_st: bool, in_channels: int = 1, num_transformers: int = 1) -> DigitsNet:
+           pool_after_st: bool, in_channels: int = 1, num_transformers: int = 1, loc_downscale: int = 1,
+           pool_input: bool = False) -> DigitsNet:
     transformers = []
-    side, channels = input_size, in_channels
+    side, channels = (input_size // 2 if pool_input else input_size), in_channels
     if transform is not None:
         for _ in range(num_transformers):
-            localisation, features = ((fcn_localisation(input_size, in_channels), 32) if backbone == "fcn"
+            localisation, features = ((fcn_localisation(input_size, in_channels, loc_downscale), 32) if backbone == "fcn"
                                       else (cnn_localisation(input_size, in_channels), 20))
             transformers.append(SpatialTransformer(localisation, features, transform, input_size, num_transforms=1,
                                                    scale=1.0, num_control_points=16))
@@ -143,7 +152,8 @@ def _build(backbone: str, input_size: int, num_classes: int, width: int, transfo
         features, out = fcn_features(side, width, channels), width
     else:
         features, out = cnn_features(side, width, channels), 2 * width * cnn_side(side) ** 2
-    return DigitsNet(features, nn.Linear(out, num_classes), transformers, pool_after_st and transform is not None)
+    pool = pool_after_st if transform is not None else pool_input
+    return DigitsNet(features, nn.Linear(out, num_classes), transformers, pool)
 
 
 def count_params(model: nn.Module) -> int:
@@ -168,17 +178,18 @@ def fit_width(build: Callable[[int], nn.Module], target: int, low: int = 1, high
 
 def _digits_model(backbone: str, input_size: int, num_classes: int, width: Optional[int], target_params: int,
                   transform: Optional[str] = None, pool_after_st: bool = False, in_channels: int = 1,
-                  num_transformers: int = 1) -> DigitsNet:
-    min_size = 2 * MIN_SIDE if transform is not None and pool_after_st else MIN_SIDE
+                  num_transformers: int = 1, loc_downscale: int = 1, pool_input: bool = False) -> DigitsNet:
+    min_size = 2 * MIN_SIDE if (transform is not None and pool_after_st) or pool_input else MIN_SIDE
     if input_size < min_size:
         raise ValueError(f"input_size={input_size} is too small for digits_{'st_' if transform else ''}{backbone}"
                          f"{' with pool_after_st' if pool_after_st else ''}; expected at least {min_size}")
     if transform is not None and transform not in TRANSFORMS:
         raise ValueError(f"transform='{transform}' is not one of {', '.join(TRANSFORMS)}")
-    if in_channels < 1 or num_transformers < 1:
-        raise ValueError(f"in_channels={in_channels} and num_transformers={num_transformers} must be at least 1")
+    if min(in_channels, num_transformers, loc_downscale) < 1:
+        raise ValueError(f"in_channels={in_channels}, num_transformers={num_transformers} and "
+                         f"loc_downscale={loc_downscale} must be at least 1")
     shape = dict(transform=transform, pool_after_st=pool_after_st, in_channels=in_channels,
-                 num_transformers=num_transformers)
+                 num_transformers=num_transformers, loc_downscale=loc_downscale, pool_input=pool_input)
     if width is None:
         width = fit_width(lambda w: _build(backbone, input_size, num_classes, w, **shape), target_params)
     return _build(backbone, input_size, num_classes, width, **shape)
@@ -186,22 +197,25 @@ def _digits_model(backbone: str, input_size: int, num_classes: int, width: Optio
 
 @register_model
 def digits_fcn(input_size: int = 28, num_classes: int = 10, width: Optional[int] = None,
-               target_params: int = TARGET_PARAMS, in_channels: int = 1) -> DigitsNet:
-    return _digits_model("fcn", input_size, num_classes, width, target_params, in_channels=in_channels)
+               target_params: int = TARGET_PARAMS, in_channels: int = 1, pool_input: bool = False) -> DigitsNet:
+    return _digits_model("fcn", input_size, num_classes, width, target_params, in_channels=in_channels,
+                         pool_input=pool_input)
 
 
 @register_model
 def digits_cnn(input_size: int = 28, num_classes: int = 10, width: Optional[int] = None,
-               target_params: int = TARGET_PARAMS, in_channels: int = 1) -> DigitsNet:
-    return _digits_model("cnn", input_size, num_classes, width, target_params, in_channels=in_channels)
+               target_params: int = TARGET_PARAMS, in_channels: int = 1, pool_input: bool = False) -> DigitsNet:
+    return _digits_model("cnn", input_size, num_classes, width, target_params, in_channels=in_channels,
+                         pool_input=pool_input)
 
 
 @register_model
 def digits_st_fcn(input_size: int = 28, num_classes: int = 10, transform: str = "affine",
                   pool_after_st: bool = False, width: Optional[int] = None,
-                  target_params: int = TARGET_PARAMS, in_channels: int = 1, num_transformers: int = 1) -> DigitsNet:
+                  target_params: int = TARGET_PARAMS, in_channels: int = 1, num_transformers: int = 1,
+                  loc_downscale: int = 1) -> DigitsNet:
     return _digits_model("fcn", input_size, num_classes, width, target_params, transform, pool_after_st,
-                         in_channels, num_transformers)
+                         in_channels, num_transformers, loc_downscale)
 
 
 @register_model

@@ -1,6 +1,6 @@
 """Localisation networks: they map an image or feature map to the features a transformer head reads.
 
-    TrunkLocalisation("inception_v3", downscale=2)   # paper A.5: timm trunk, 1x1 conv 128, fc 128
+    TrunkLocalisation("inception_v3", downscale=2, input_size=448)  # paper A.5: trunk, 1x1 conv 128, fc 128
     ConvLocalisation(3, 64)                          # paper A.4 ST-CNN Single: conv-max-conv-fc-fc
     FcLocalisation(48 * 32 * 32)                     # paper A.4 ST-CNN Multi: fc 32 - fc 32
 
@@ -43,14 +43,16 @@ class TrunkLocalisation(nn.Module):
     """Paper A.5: a timm trunk cut before its last pooling, 1x1 conv to 128 channels, fc 128.
 
     `downscale` > 1 average-pools the input first: at 448 px input the localisation net runs at
-    224 px, as in the paper, which makes it cost one backbone pass instead of four. The paper
-    flattens the trunk's 7x7 map into the fc layer, which keeps *where* features are; adaptive
-    pooling to `grid` x `grid` keeps that while making the fc size independent of the input size.
+    224 px, as in the paper, which makes it cost one backbone pass instead of four. As the paper
+    does, the fc layer reads the whole map flattened (every cell in place: the fc knows *where*
+    each feature is), sized for the map of an `input_size` input (inception_v3 at 224 px: 5 x 5).
+    `grid` instead average-pools the map to `grid` x `grid` first: an fc whose size does not depend
+    on the input size, fewer parameters, coarser places.
     """
 
     def __init__(self, backbone: str, *, downscale: int = 1, channels: int = 128, hidden: int = 128,
-                 grid: int = 4, pretrained: Any = None, in_chans: int = 3, with_fc: bool = True,
-                 stride: Optional[int] = None):
+                 grid: Optional[int] = None, input_size: Optional[int] = None, pretrained: Any = None,
+                 in_chans: int = 3, with_fc: bool = True, stride: Optional[int] = None):
         super().__init__()
         self.downscale = int(downscale)
         self.trunk_in_chans = in_chans
@@ -69,8 +71,14 @@ class TrunkLocalisation(nn.Module):
             trunk_channels, self.cut = probe.feature_info.channels()[index], True
         self.reduce = nn.Conv2d(trunk_channels, channels, 1)
         self.grid = grid
+        if grid is not None and grid < 1:
+            raise ValueError(f"loc_grid={grid} must be null (flatten the whole map) or >= 1")
+        if with_fc and grid is None and input_size is None:
+            raise ValueError("TrunkLocalisation flattens its map into the fc layer: give input_size (or a grid)")
+        self.flat_map = self.map_size(input_size) if with_fc and grid is None else None
+        cells = (grid * grid if grid is not None else self.flat_map[0] * self.flat_map[1]) if with_fc else 0
         # without_fc: a head that reads the map itself (SoftArgmaxHead) uses `feature_map` only
-        self.fc = nn.Linear(channels * grid * grid, hidden) if with_fc else None
+        self.fc = nn.Linear(channels * cells, hidden) if with_fc else None
         self.out_features = hidden if with_fc else channels
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +100,13 @@ class TrunkLocalisation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fc is None:
             raise RuntimeError("TrunkLocalisation(with_fc=False) gives feature_map(x) only")
-        return F.relu(self.fc(F.adaptive_avg_pool2d(self.feature_map(x), self.grid).flatten(1)))
+        feature_map = self.feature_map(x)
+        if self.grid is not None:
+            feature_map = F.adaptive_avg_pool2d(feature_map, self.grid)
+        elif tuple(feature_map.shape[-2:]) != self.flat_map:
+            raise ValueError(f"the localisation map is {tuple(feature_map.shape[-2:])}, its fc layer was built for "
+                             f"{self.flat_map}: the input does not have the model.input_size it was built for")
+        return F.relu(self.fc(feature_map.flatten(1)))
 
 
 class MapLocalisation(nn.Module):

@@ -29,7 +29,7 @@ class NxSTCNN(nn.Module):
                  input_size: int = 448, crop_size: int = 224, transform: str = "translation",
                  transform_scale: float = 0.5, num_classes: int = 200, dropout: float = 0.7,
                  pretrained: Any = None, loc_pretrained: Any = "same", bound: Optional[str] = "auto",
-                 num_control_points: int = 16, loc_grid: int = 4, stream_mode: str = "loop",
+                 num_control_points: int = 16, loc_grid: Optional[int] = None, stream_mode: str = "loop",
                  padding_mode: str = "zeros", loc_downscale: Optional[int] = None,
                  window_gradient: str = "sampler", fd_step: float = 0.125, fd_objective: str = "loss",
                  loc_head: str = "linear",
@@ -56,7 +56,7 @@ class NxSTCNN(nn.Module):
                 raise ValueError(f"model.pretrained={pretrained!r} is a weights file for '{backbone}', not for "
                                  f"loc_backbone '{loc_backbone}'; set model.extra.loc_pretrained")
             loc_pretrained = pretrained
-        if bound == "auto":  # keep windows inside the image where the kind allows it
+        if bound == "auto":  # keep window centres inside the image where the kind allows it
             bound = "tanh" if transform in ("translation", "attention") and transform_scale < 1 else None
         # A fixed downscale so the localisation trunk sees about crop_size pixels (paper: 448 -> 224).
         downscale = max(1, round(input_size / crop_size)) if loc_downscale is None else int(loc_downscale)
@@ -78,6 +78,7 @@ class NxSTCNN(nn.Module):
             map_size = tuple(self._loc_input(torch.zeros(1, 3, input_size, input_size)).shape[-2:])
         else:
             localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
+                                             input_size=input_size,
                                              pretrained=loc_pretrained, with_fc=not soft, stride=loc_stride)
             map_size = localisation.map_size(input_size) if soft else None
         self.transformer = SpatialTransformer(
@@ -120,7 +121,7 @@ class NxSTCNN(nn.Module):
         room = st.window_room()
 
         def losses_at(theta: torch.Tensor) -> torch.Tensor:
-            if room is not None:  # the perturbed windows stay inside the image, as the bound keeps them
+            if room is not None:  # the perturbed windows stay within the bound, as predicted ones do
                 theta = theta.clamp(-room, room)
             logits = self.classify(st.sample(x, theta)).float()
             if self.fd_objective == "margin":
@@ -229,8 +230,10 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     """Paper A.5 N x ST-CNN; `num_streams=0` is the bare backbone at `crop_size` (input resized).
 
     Extra keyword arguments (model.extra): `loc_pretrained` (weights of a different loc_backbone),
-    `bound` ("auto" | "tanh" | None), `num_control_points` (tps), `loc_grid` (side of the pooled
-    localisation map fed to its fc layer), `stream_mode` ("loop": one stream after another;
+    `bound` ("auto" = "tanh": window centres inside the image | None: unbounded, the paper's |
+    "tanh_inside": windows inside the image from the inset tiling, the layout of checkpoints written
+    before the quadrant start), `num_control_points` (tps), `loc_grid` (null: the localisation fc reads the trunk's
+    whole map flattened, as the paper; k: the map average-pooled to k x k first), `stream_mode` ("loop": one stream after another;
     "vmap": all streams in one batched call, same results, for launch-bound GPU steps),
     `window_gradient` ("sampler": backpropagation through the sampler, the paper's;
     "finite_difference": the window parameters learn from a finite-difference slope of the training
@@ -248,7 +251,8 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     first stream's feature map of the whole image, which the streams learn from classification,
     so the windows go where the features of the class are; no gradient flows back through it),
     `padding_mode` of the sampler ("zeros": outside the image reads 0, which on a normalised
-    input is the mean colour; "border" repeats the edge; bounded windows never leave the image).
+    input is the mean colour; "border" repeats the edge; a tanh-bounded window keeps its centre in the
+    image and may reach half outside it, a soft-argmax window stays inside).
     """
     if num_streams == 0:
         return BackboneClassifier(backbone, num_classes=num_classes, dropout=dropout, pretrained=pretrained,

@@ -280,12 +280,16 @@ def finite_difference_theta(theta: torch.Tensor, losses_at, step: float) -> torc
 
 # ----------------------------------------------------------------------------- module
 
-def tiling_windows(num: int, scale: float) -> torch.Tensor:
-    """(num, 3) initial windows (s, tx, ty) whose centres tile the image plane.
+def tiling_windows(num: int, scale: float, *, inset: bool = False) -> torch.Tensor:
+    """(num, 3) initial windows (s, tx, ty) that tile the image plane (paper A.5).
 
-    The plane is cut into rows x cols cells (N=2: left | right; N=4: 2 x 2; N=3: a row of three);
-    window i is centred on cell i's centre pulled in by (1 - s), so every window lies inside the
-    image and the centres stay strictly inside the range a tanh bound can reach.
+    The plane is cut into rows x cols cells (N=2: left | right; N=4: 2 x 2; N=3: a row of three)
+    and window i is centred on cell i's centre: 4 windows of scale 0.5 are exactly the quadrants
+    (centres +-0.5), 2 are the left and right halves of the middle band. A window wider than its
+    cell (N=3 at 0.5) is moved in only as far as keeps it inside the image (|t| <= 1 - s).
+    `inset=True` gives the older layout, centres pulled in by (1 - s) towards the middle (4 at
+    0.5: centres +-0.25, overlapping windows over the central 75 %), which `SoftArgmaxHead`
+    still starts from.
     """
     if num < 1:
         raise ValueError(f"need at least one transform, got num={num}")
@@ -295,7 +299,9 @@ def tiling_windows(num: int, scale: float) -> torch.Tensor:
     cols = num // rows
     cy, cx = torch.meshgrid(_linspace(rows, False, torch.float64, None),
                             _linspace(cols, False, torch.float64, None), indexing="ij")
-    centres = torch.stack([cx.reshape(-1), cy.reshape(-1)], -1) * (1.0 - scale)
+    centres = torch.stack([cx.reshape(-1), cy.reshape(-1)], -1)
+    room = max(1.0 - scale, 0.0)
+    centres = centres * room if inset else centres.clamp(-room, room)
     return torch.cat([torch.full((num, 1), float(scale), dtype=torch.float64), centres], 1)
 
 
@@ -334,7 +340,8 @@ class SoftArgmaxHead(nn.Module):
         cy, cx = torch.meshgrid(_linspace(h, True, torch.float64, None), _linspace(w, True, torch.float64, None),
                                 indexing="ij")
         cells = torch.stack([cx.reshape(-1), cy.reshape(-1)], -1) * (1.0 - scale)  # (h*w, 2), x then y
-        start = tiling_windows(num_windows, scale)[:, 1:]  # (N, 2)
+        # the start of the demo's runs (docs/experiments.md): the inset tiling, not the quadrants
+        start = tiling_windows(num_windows, scale, inset=True)[:, 1:]  # (N, 2)
         cell_side = 2.0 * (1.0 - scale) / max(max(h, w) - 1, 1)
         distance2 = ((cells[None] - start[:, None]) ** 2).sum(-1) / cell_side ** 2
         self.register_buffer("cells", cells.float())
@@ -355,9 +362,13 @@ class SpatialTransformer(nn.Module):
 
     `localisation` maps the localisation input to (B, features). The head is a linear layer with
     zero weights whose bias encodes the initial transforms: the identity for one transform with
-    `scale=1`, otherwise windows of side `scale` whose centres tile the image (`tiling_windows`).
-    `bound="tanh"` keeps `translation` windows inside the image (|t| < 1 - scale) and, for
-    `attention`, keeps s in (0, 1) with the window inside the image.
+    `scale=1`, otherwise windows of side `scale` that tile the image (`tiling_windows`).
+    `bound="tanh"` keeps a `translation` window's centre inside the image (|t| < 1; at scale 0.5 a
+    window may reach half outside, into the padding) and, for `attention`, keeps s in (0, 1) and
+    the centre inside the image: a window cannot wander off the image, and the tiling start
+    (|t| <= 1 - s) lies strictly inside the bound, where the tanh's slope is not zero.
+    `bound="tanh_inside"` is the earlier layout, for checkpoints written before the quadrant start: windows kept inside
+    the image (|t| < 1 - s) starting on the inset tiling (`tiling_windows(inset=True)`).
     """
 
     def __init__(self, localisation: nn.Module, features: int, kind: str, out_size: Size, *,
@@ -372,12 +383,12 @@ class SpatialTransformer(nn.Module):
         if head == "softargmax" and (kind != "translation" or bound is not None or map_size is None):
             raise ValueError("the softargmax head predicts translation windows from a feature map: it needs "
                              f"kind='translation' (got '{kind}'), bound=None (got {bound!r}) and map_size")
-        if bound not in (None, "tanh"):
-            raise ValueError(f"bound={bound!r} is not one of None, 'tanh'")
+        if bound not in (None, "tanh", "tanh_inside"):
+            raise ValueError(f"bound={bound!r} is not one of None, 'tanh', 'tanh_inside'")
         if bound and kind not in ("translation", "attention"):
-            raise ValueError(f"bound='tanh' applies to translation and attention windows, not kind '{kind}'")
+            raise ValueError(f"bound={bound!r} applies to translation and attention windows, not kind '{kind}'")
         if bound and not 0.0 < scale < 1.0:
-            raise ValueError(f"bound='tanh' needs a window scale in (0, 1), got scale={scale}")
+            raise ValueError(f"bound={bound!r} needs a window scale in (0, 1), got scale={scale}")
         self.localisation = localisation
         self.kind, self.out_size, self.scale, self.bound = kind, _pair(out_size), float(scale), bound
         self.num_transforms, self.num_control_points = num_transforms, num_control_points
@@ -396,7 +407,8 @@ class SpatialTransformer(nn.Module):
         if head == "linear":
             nn.init.zeros_(self.head.weight)
             with torch.no_grad():
-                self.head.bias.copy_(self._raw_from_windows(tiling_windows(num_transforms, scale)).reshape(-1))
+                start = tiling_windows(num_transforms, scale, inset=bound == "tanh_inside")
+                self.head.bias.copy_(self._raw_from_windows(start).reshape(-1))
 
     def initial_theta(self) -> torch.Tensor:
         """(N, *theta_shape) transforms the module predicts at initialisation (for any input)."""
@@ -405,9 +417,15 @@ class SpatialTransformer(nn.Module):
         return self._bounded(self.head.bias.detach().reshape(1, self.num_transforms, -1))[0]
 
     def window_room(self) -> Optional[float]:
-        """How far a translation window's centre may go from the middle (1 - scale), if it is bounded."""
-        bounded = (self.bound == "tanh" and self.kind == "translation") or self.head_kind == "softargmax"
-        return 1.0 - self.scale if bounded else None
+        """How far a translation window's centre may go from the middle, if it is bounded: 1 (the
+        image's edge) under the tanh bound, 1 - scale (the window inside the image) for the soft-argmax."""
+        if self.head_kind == "softargmax":
+            return 1.0 - self.scale
+        return self._room() if self.bound and self.kind == "translation" else None
+
+    def _room(self) -> float:
+        """How far the tanh bound lets a window's centre go: 1 (tanh), 1 - s for a window of side s (tanh_inside)."""
+        return 1.0 if self.bound == "tanh" else 1.0 - self.scale
 
     def predict(self, loc_input: torch.Tensor) -> torch.Tensor:
         """Transform parameters (B, N, *theta_shape) from the localisation input."""
@@ -436,19 +454,20 @@ class SpatialTransformer(nn.Module):
         return window_boxes(theta, self.kind, self.scale)
 
     def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.bound == "tanh" and self.kind == "translation":
-            raw = (1.0 - self.scale) * torch.tanh(raw)
-        elif self.bound == "tanh":  # attention: s in (0, 1), centre within (1 - s) of the middle
+        if self.bound and self.kind == "translation":
+            raw = self._room() * torch.tanh(raw)
+        elif self.bound:  # attention: s in (0, 1), centre inside the image (tanh_inside: the window inside)
             s = torch.sigmoid(raw[..., :1])
-            raw = torch.cat([s, (1.0 - s) * torch.tanh(raw[..., 1:])], -1)
+            raw = torch.cat([s, (1.0 - s if self.bound == "tanh_inside" else 1.0) * torch.tanh(raw[..., 1:])], -1)
         return raw.reshape(*raw.shape[:2], *theta_shape(self.kind, self.num_control_points))
 
     def _raw_from_windows(self, windows: torch.Tensor) -> torch.Tensor:
         s, centre = windows[:, :1], windows[:, 1:]
-        if self.bound == "tanh" and self.kind == "translation":
-            return torch.atanh(centre / (1.0 - s))
-        if self.bound == "tanh":
-            return torch.cat([torch.logit(s), torch.atanh(centre / (1.0 - s))], 1)
+        if self.bound and self.kind == "translation":
+            return torch.atanh(centre / self._room())
+        if self.bound:
+            room = 1.0 - s if self.bound == "tanh_inside" else 1.0
+            return torch.cat([torch.logit(s), torch.atanh(centre / room)], 1)
         return window_theta(self.kind, windows, self.num_control_points).reshape(len(windows), -1)
 
 

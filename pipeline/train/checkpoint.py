@@ -97,6 +97,10 @@ def load_weights(model: torch.nn.Module, weights: Dict[str, Any], path: Path, mo
     except RuntimeError as err:
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:])
         detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        if "localisation.fc.weight" in str(err) and "size mismatch" in str(err):
+            # before the localisation fc read the whole map, it read the map pooled to 4 x 4
+            detail += (" (a checkpoint from before the localisation fc read the whole map: add model.extra.loc_grid=4 "
+                       "model.extra.bound=tanh_inside, its pooling and window bound)")
         raise CheckpointError(f"{path}: weights do not fit model.name={model_name}: {detail}") from None
 
 

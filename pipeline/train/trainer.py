@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pipeline.config import Config, ConfigError, per_rank_batch, save_config, to_dict
 from pipeline.data.manifest import DataError
 from pipeline.models import build_model
+from pipeline.models.normalisation import describe as describe_normalisation, follow_checkpoint, resolve_normalisation
 from pipeline.precision import autocast, resolve_precision
 import pipeline.train.checkpoint as ckpt
 from pipeline.train.distributed import DistEnv, all_gather_object, any_rank, barrier
@@ -162,6 +163,9 @@ class Trainer:
     def build_model_and_optimiser(self) -> None:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.normalisation = resolve_normalisation(cfg)  # before config.yaml and checkpoints are written: they keep it
+        if env.is_main:
+            log.info(describe_normalisation(cfg, self.normalisation))
         model = self.sync_batchnorm(build_model(cfg.model))
         self.task = getattr(model, "task", "classification")
         on_cpu = env.device.type == "cpu"
@@ -223,6 +227,9 @@ class Trainer:
             barrier(self.env)  # no rank writes into run.dir before it is cleared
             return
         path, state = resumed
+        changed = follow_checkpoint(self.cfg, state.get("config"), self.normalisation)
+        if changed and self.env.is_main:
+            log.warning(changed)
         progress = self.checkpointer.unpack(state, self.training_parts(), path, self.cfg.model.name)
         self.step, self.images_seen = progress["step"], progress["images_seen"]
         self.evaluator.load_state_dict(progress)
