@@ -69,6 +69,8 @@ def parse_addition(argv: List[str]) -> argparse.Namespace:
     p = digits_parser("addition", "Paper Table 4: FCN/CNN/ST-FCN/2xST-FCN on MNIST addition.", PROFILES,
                       "quick: every code path in about a minute; standard: the 2-core table (3 seeds)", "addition")
     p.add_argument("--models", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--first-seed", type=int, default=None,
+                   help="train seeds from this one on (runners sharing --out can split the seeds)")
     return p.parse_args(argv)
 
 
