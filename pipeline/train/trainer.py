@@ -363,7 +363,7 @@ class Trainer:
         rngs = all_gather_object(self.env, ckpt.rng_state())
         path = self.checkpointer.dir.step_path(self.step)
         if self.env.is_main:
-            progress = {"step": self.step, "images_seen": self.images_seen,
+            progress = {"step": self.step, "images_seen": self.images_seen, "classes": self.manifest.classes,
                         "epoch": self.images_seen / max(1, self.num_train_samples()), **self.evaluator.state_dict()}
             state = self.checkpointer.pack(self.training_parts(), progress, rngs, to_dict(self.cfg))
             path = self.checkpointer.save(state, self.step, is_best)
