@@ -126,7 +126,7 @@ def test_models_have_about_the_same_size_and_two_transformers_take_both_channels
     model = build_row("2xst-fcn")
     assert len(model.transformers) == 2
     first_layers = [[m for m in t.localisation if isinstance(m, torch.nn.Linear)][0] for t in model.transformers]
-    assert all(layer.in_features == 2 * 21 * 21 for layer in first_layers)  # each sees both digits (pooled 2x)
+    assert all(layer.in_features == 2 * 42 * 42 for layer in first_layers)  # each sees both digits, whole (A.3)
     out = model.attend(torch.rand(3, 2, 42, 42))
     assert out["crops"].shape == (3, 2, 2, 42, 42) and out["boxes"].shape == (3, 2, 4)
     assert model.features[1].in_features == 4 * 21 * 21  # 2 transformers x 2 channels, pooled 2x
@@ -217,3 +217,13 @@ def test_window_share_bound_on_apart_and_overlapping_digits():
     overlapping = torch.zeros(1, 2, 42, 42, dtype=torch.uint8)
     overlapping[0, :, 10:20, 10:20] = 255
     assert window_share_bound(overlapping) == [0.5, 0.5]
+
+
+def test_seeds_are_averaged_with_their_transformers_aligned_on_the_digit_they_stabilise():
+    from pipeline.experiments.addition import summary_json
+
+    first = {"channel_share": [[0.4, 0.6], [0.7, 0.3]], "pose_spread": [[1.0, 0.5], [0.6, 1.0]]}
+    swapped = {"channel_share": [[0.8, 0.2], [0.2, 0.8]], "pose_spread": [[0.4, 1.0], [1.0, 0.4]]}
+    got = summary_json([], {"2xst-fcn": [first, swapped]}, 2, [0.7, 0.7])
+    assert got["channel_share"] == [[0.75, 0.25], [0.3, 0.7]]   # digit 0's transformer first in both seeds
+    assert got["pose_spread"] == [[0.5, 1.0], [1.0, 0.45]]
