@@ -105,7 +105,7 @@ class DistortedProfile:
 
     def overrides(self) -> List[str]:
         """Config overrides of the profile's recipe (on top of configs/digits/*.yaml)."""
-        milestones = [max(1, round(self.steps * m)) for m in self.milestones]
+        milestones = sorted({max(1, round(self.steps * m)) for m in self.milestones})  # a tiny run: distinct
         sgd = ["optim.momentum=0.9"] if self.optimizer == "sgd" else []
         return [f"optim.name={self.optimizer}", f"optim.lr={self.lr}", "optim.weight_decay=0.0", *sgd,
                 f"schedule.milestones={milestones}", f"train.global_batch_size={self.batch_size}",
