@@ -24,13 +24,14 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .distorted import CONFIGS, ExperimentError, _cell, _choices, append_result, as_input, load_results, load_run
+from .distorted import (CONFIGS, _cell, _choices, append_result, as_input, given_options, load_results, load_run,
+                        make_preset)
 
 # Table 4's rows: key -> (label, config under configs/digits, model.extra overrides)
 # Every classifier sees the image average-pooled 2x (21x21 a channel): the transformers' outputs as in A.3
@@ -95,15 +96,12 @@ PROFILES = {
 
 
 def make_profile(preset: str, idx_root: str, **overrides) -> AdditionProfile:
-    if preset not in PROFILES:
-        raise ExperimentError(f"--profile {preset!r}: expected one of {', '.join(PROFILES)}")
-    return replace(AdditionProfile(idx_root=idx_root, **PROFILES[preset]), **overrides)
+    return make_preset(AdditionProfile, PROFILES, preset, idx_root, **overrides)
 
 
 def profile_from_args(args) -> AdditionProfile:
-    overrides = {k: getattr(args, k) for k in ("seeds", "first_seed", "steps", "batch_size", "train_count",
-                                               "train_limit", "test_limit", "lr", "threads", "num_examples", "out")
-                 if getattr(args, k) is not None}
+    overrides = given_options(args, ("seeds", "first_seed", "steps", "batch_size", "train_count", "train_limit",
+                                     "test_limit", "lr", "threads", "num_examples", "out"))
     overrides["models"] = _choices(args.models, tuple(ROWS), "--models")
     overrides.setdefault("out", f"runs/addition_{args.profile}")
     return make_profile(args.profile, args.idx_root, **overrides)

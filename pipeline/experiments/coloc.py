@@ -31,13 +31,13 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .distorted import DistortedProfile, ExperimentError, _choices, prepare_data, train_one
+from .distorted import DistortedProfile, ExperimentError, _choices, given_options, make_preset, prepare_data, train_one
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits" / "coloc.yaml"
 CLUTTERS = ("T", "TC")
@@ -84,15 +84,13 @@ PROFILES = {
 
 
 def make_profile(preset: str, idx_root: str, **overrides) -> ColocProfile:
-    if preset not in PROFILES:
-        raise ExperimentError(f"--profile {preset!r}: expected one of {', '.join(PROFILES)}")
-    return replace(ColocProfile(idx_root=idx_root, **PROFILES[preset]), **overrides)
+    return make_preset(ColocProfile, PROFILES, preset, idx_root, **overrides)
 
 
 def profile_from_args(args) -> ColocProfile:
     """The profile of the CLI's parsed arguments (explicit options override the preset's)."""
-    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "count", "train_count", "lr", "margin", "threads",
-                                               "feature_steps", "out") if getattr(args, k) is not None}
+    overrides = given_options(args, ("seeds", "steps", "count", "train_count", "lr", "margin", "threads",
+                                     "feature_steps", "out"))
     digits = _choices(args.classes, tuple(str(d) for d in range(10)), "--classes")
     overrides["classes"] = tuple(int(d) for d in digits)
     overrides["clutters"] = _choices(args.clutter, CLUTTERS, "--clutter")

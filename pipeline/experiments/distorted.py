@@ -122,17 +122,27 @@ PROFILES = {
 }
 
 
+def make_preset(profile_class, presets: Dict[str, Dict], preset: str, idx_root: str, **overrides):
+    """A `profile_class` from one of the experiment's `presets` (name -> field values), `overrides` on top
+    (the digits experiments' profiles: Table 1, 4 and 5)."""
+    if preset not in presets:
+        raise ExperimentError(f"--profile {preset!r}: expected one of {', '.join(presets)}")
+    return replace(profile_class(idx_root=idx_root, **presets[preset]), **overrides)
+
+
+def given_options(args, names: Sequence[str]) -> Dict[str, object]:
+    """The CLI options among `names` the user set (the rest keep the preset's values)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def make_profile(preset: str, idx_root: str, **overrides) -> DistortedProfile:
-    if preset not in PROFILES:
-        raise ExperimentError(f"--profile {preset!r}: expected one of {', '.join(PROFILES)}")
-    return replace(DistortedProfile(idx_root=idx_root, **PROFILES[preset]), **overrides)
+    return make_preset(DistortedProfile, PROFILES, preset, idx_root, **overrides)
 
 
 def profile_from_args(args) -> DistortedProfile:
     """The profile of the CLI's parsed arguments (explicit options override the preset's)."""
-    overrides = {k: getattr(args, k) for k in ("seeds", "steps", "batch_size", "train_count", "train_limit",
-                                               "test_limit", "loc_lr_scale", "lr", "threads", "num_examples", "out")
-                 if getattr(args, k) is not None}
+    overrides = given_options(args, ("seeds", "steps", "batch_size", "train_count", "train_limit", "test_limit",
+                                     "loc_lr_scale", "lr", "threads", "num_examples", "out"))
     chosen = _choices(args.distortions, DISTORTIONS, "--distortions")
     overrides["distortions"] = tuple(d for d in DISTORTIONS if d in chosen)  # the paper's column order
     overrides["models"] = _choices(args.models, tuple(ROWS), "--models")
