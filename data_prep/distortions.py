@@ -16,9 +16,9 @@ Every length is in pixels of the 28x28 source digit:
   TC   the digit at a random location of a 60x60 canvas with six 6x6 patches cut at random from
        other digits of the sources (the split, or the batch when training), placed at random.
 
-Warps run through `pipeline.models.spatial_transformer.warp`, the sampler the models use, with zero
-padding on the raw 0-255 values (the background stays black), rounded back to uint8: a freshly
-distorted training batch is made exactly as the stored test images are.
+Warps run through `data_prep.warp.warp`, the sampler the models use (pipeline.models.spatial_transformer
+re-exports it), with zero padding on the raw 0-255 values (the background stays black), rounded back to
+uint8: a freshly distorted training batch is made exactly as the stored test images are.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def projective_theta(scale: torch.Tensor, corner_shift_px: torch.Tensor) -> torc
 
 def tps_theta(scale: torch.Tensor, control_shift_px: torch.Tensor) -> torch.Tensor:
     """(B, 16, 2): each control point reads the (scaled) digit from a randomly shifted place."""
-    from pipeline.models.spatial_transformer import control_points
+    from .warp import control_points
 
     # Scaling the source positions by 1/scale scales the whole spline: TPS reproduces linear maps.
     return (control_points(16, dtype=torch.float64) + control_shift_px / HALF) / scale[:, None, None]
@@ -146,7 +146,7 @@ def render(images: torch.Tensor, distortion: str, params: Params, sources: Optio
     """
     if check(distortion) == "TC":
         return clutter(images, params, images if sources is None else sources)
-    from pipeline.models.spatial_transformer import warp
+    from .warp import warp
 
     size = OUTPUT_SIZE[distortion]
     th = theta(distortion, params).to(images.device, torch.float32)
