@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import threading
@@ -30,10 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import DataPrepError
-from .shards import FORMAT_VERSION, ShardWriter, fsync_files, partial_files, shard_name, write_json_atomic
+from .contract import SHARD_FILE, new_manifest, partial_files, shard_name, write_json_atomic
+from .shards import ShardWriter, fsync_files
 
 STATE_DIR = ".data_prep"
-SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 
 # (samples, skipped): samples are webdataset dicts; skipped is [{"key", "reason"}]
 ShardContent = Tuple[Iterator[Dict[str, Any]], List[Dict[str, str]]]
@@ -115,13 +114,21 @@ def _env_int(name: str) -> int:
 
 
 def chunk_specs(split: str, items: Sequence[Any], shard_size: int) -> List[ShardSpec]:
-    """Fixed-size pieces of an ordered item list (the last one shorter)."""
+    """Pieces of at most `shard_size` items of an ordered item list, in order.
+
+    Where the last piece would hold less than half a shard (33 items in shards of 16: 16, 16, 1),
+    the items are spread evenly over as many shards instead (11, 11, 11): training draws every
+    shard equally often, so a one-sample shard would show its sample a dozen times as often as
+    the rest, and each shard costs an open and a tar header however little it holds.
+    """
     if shard_size < 1:
         raise DataPrepError(f"--shard-size must be >= 1, got {shard_size}")
-    return [
-        ShardSpec(split, i, tuple(items[start : start + shard_size]))
-        for i, start in enumerate(range(0, len(items), shard_size))
-    ]
+    count, remainder = -(-len(items) // shard_size), len(items) % shard_size
+    if remainder and 2 * remainder < shard_size:
+        bounds = [len(items) * i // count for i in range(count + 1)]
+    else:
+        bounds = [*range(0, len(items), shard_size), len(items)]
+    return [ShardSpec(split, i, tuple(items[start:stop])) for i, (start, stop) in enumerate(zip(bounds, bounds[1:]))]
 
 
 class ExistsCheck:
@@ -313,16 +320,8 @@ def _manifest(out: Path, plan: Plan) -> Dict[str, Any]:
         splits[spec.split]["shards"].append(record["entry"])
         splits[spec.split]["num_samples"] += record["entry"]["num_samples"]
         skipped.extend(record["skipped"])
-    manifest = {
-        "dataset": plan.dataset,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"python -m data_prep {plan.dataset}",
-        **plan.manifest_extra,
-        "splits": splits,
-        "skipped": skipped,
-        "source": {"root": plan.root, "options": plan.options, "plan_digest": plan.plan_digest},
-    }
-    return manifest
+    return new_manifest(plan.dataset, splits, skipped, extra=plan.manifest_extra,
+                        source={"root": plan.root, "options": plan.options, "plan_digest": plan.plan_digest})
 
 
 def _warn_skipped(skipped: List[Dict[str, str]]) -> None:

@@ -1,4 +1,4 @@
-"""Atomic shard and manifest writing shared by every data-prep command.
+"""Atomic shard writing shared by every data-prep command (names, sha256 and atomic file writes: contract).
 
 A shard appears under its final name only when complete: it is written to a hidden temporary
 name in the same folder, flushed to disk, then renamed (rename is atomic on POSIX).
@@ -10,14 +10,15 @@ import io
 import json
 import os
 import queue
-import socket
 import tarfile
 import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
-FORMAT_VERSION = 1
+# the contract's names, also importable from here as they always were
+from .contract import (FORMAT_VERSION, file_sha256, partial_files, shard_name, tmp_path as _tmp_path,  # noqa: F401
+                       write_json_atomic, write_text_atomic)
 
 # Fixed tar header time (2000-01-01 UTC): TarWriter stamps time.time() by default, which would
 # make a rerun's shard bytes (and sha256) differ from the first run's.
@@ -25,15 +26,6 @@ SHARD_MTIME = 946684800
 # webdataset's TarWriter defaults, so shards are byte-identical to TarWriter(mtime=SHARD_MTIME)'s
 _TAR_MODE, _TAR_USER = 0o444, "bigdata"
 _CLS_EXTENSIONS = {"cls", "cls2", "class", "count", "index", "inx", "id"}
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def _tmp_path(path: Path) -> Path:
-    # host and pid: array jobs on different nodes may share a pid and finalise the same manifest
-    return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
 
 
 def write_shard(path: str | Path, samples: Iterable[Dict[str, Any]], durable: bool = True) -> Dict[str, Any]:
@@ -265,19 +257,6 @@ def _encode(field: str, value: Any) -> bytes:
     return encode_based_on_extension1(value, field, default_handlers)
 
 
-def partial_files(folder: str | Path, name: str) -> list:
-    """Leftover temporary files of a shard or manifest named `name` (e.g. from a killed job)."""
-    return sorted(Path(folder).glob(f".{name}.partial-*"))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_files_ahead(paths: Iterable[str], depth: int = 32) -> Iterator[bytes]:
     """Each file's bytes, in order, while the next `depth` files are already open and the kernel
     has been asked to read them (POSIX_FADV_WILLNEED).
@@ -331,25 +310,6 @@ def _read_all(fd: int) -> bytes:
     if len(data) != size:  # a short read (network file systems may) or a growing file: read to the end
         data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
     return data
-
-
-def write_text_atomic(path: str | Path, text: str, durable: bool = True) -> None:
-    """Write `text` to a temporary name beside `path`, then rename: readers never see half a file.
-    durable=False skips the fsync (~10 ms on network disks) where a file lost to a power cut is
-    harmless, e.g. resume bookkeeping or a run's config.yaml."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any, durable: bool = True) -> None:
-    """write_text_atomic of `obj` as indented JSON."""
-    write_text_atomic(path, json.dumps(obj, indent=1), durable)
 
 
 def encode_png(array) -> bytes:

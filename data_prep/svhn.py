@@ -21,6 +21,7 @@ Format 2 sample: `png` 32x32 RGB, `cls` (0-9) and `json` {"id", "index", "digits
 from __future__ import annotations
 
 import argparse
+import io
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from PIL import Image
 
 from . import DataPrepError
 from ._cli import add_job_arguments, job_kwargs, print_summary
+from .contract import BadImage, check_image
 from .jobs import ExistsCheck, JobOptions, Plan, ShardContent, ShardSpec, chunk_specs, digest, run_plan
 from .shards import encode_png
 
@@ -272,12 +274,14 @@ def _sequence_sample(context: Dict[str, Any], entry: Dict[str, Any], fields: Dic
         raise DataPrepError(f"{rel}: digit labels {labels} are not all in 1..10 (entry {entry['index'] + 1})")
     path = Path(context["root"]) / rel
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        check_image(data)  # the contract's definition of a whole image, as verify and the loader apply it
+        with Image.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
-    except Exception as err:  # PIL raises many types for broken files
+    except (BadImage, OSError) as err:
         if strict:
-            raise DataPrepError(f"{path}: unreadable image ({type(err).__name__}); drop --strict to skip it") from None
-        skipped.append({"key": key, "reason": f"corrupt: {rel}: {type(err).__name__}: {str(err)[:80]}"})
+            raise DataPrepError(f"{path}: unreadable image ({err}); drop --strict to skip it") from None
+        skipped.append({"key": key, "reason": f"corrupt: {rel}: {str(err)[:100]}"})
         return None
     width, height = image.size
     digits = []  # clamped to the image: some SVHN boxes reach past its edges
@@ -367,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="1: <split>/digitStruct.mat; 2: <split>_32x32.mat (default: whichever is there)")
     parser.add_argument("--limit", type=int, default=None, help="at most N entries per raw split (the first ones)")
     parser.add_argument("--shard-size", type=int, default=None,
-                        help=f"samples per shard (default: largest split/{MIN_TRAIN_SHARDS}, {MIN_SHARD_SIZE} to {MAX_SHARD_SIZE})")
+                        help=f"most samples per shard (default: largest split/{MIN_TRAIN_SHARDS}, {MIN_SHARD_SIZE} to {MAX_SHARD_SIZE})")
     parser.add_argument("--skip-missing", action="store_true",
                         help="leave out (and list in manifest 'skipped') entries whose image is not on disk")
     add_job_arguments(parser)

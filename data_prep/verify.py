@@ -11,7 +11,6 @@ and exits 1 if there is any (2 if there is no readable manifest).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tarfile
@@ -19,16 +18,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from PIL import Image
-
 from . import DataPrepError
-from .jobs import SHARD_FILE
-from .shards import file_sha256
-
-# fields every sample must have, by dataset and task
-REQUIRED = {("cub", "classification"): ("jpg", "cls", "json"),
-            ("svhn", "sequence"): ("png", "json"),
-            ("svhn", "classification"): ("png", "cls", "json")}
+from .contract import (REQUIRED_FIELDS, SHARD_FILE, BadImage, DataError, check_image, file_sha256, load_manifest_json,
+                       manifest_task)
 CUB_JSON = ("id", "class_id", "class_name", "size", "bbox", "parts")
 SVHN_JSON = ("id", "digits", "length", "source")
 
@@ -75,14 +67,11 @@ def read_manifest(out: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise DataPrepError(f"{path}: not found (is {out} a data-prep output folder?)")
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise DataPrepError(f"{path}: not valid JSON ({err})") from None
-    for key in ("dataset", "format_version", "splits"):
-        if key not in manifest:
-            raise DataPrepError(f"{path}: missing key {key!r}")
-    if not isinstance(manifest["splits"], dict):
-        raise DataPrepError(f"{path}: 'splits' must be an object of split -> shards")
+        manifest = load_manifest_json(path)
+    except DataError as err:
+        raise DataPrepError(str(err)) from None
+    if "format_version" not in manifest:
+        raise DataPrepError(f"{path}: missing key 'format_version'")
     return manifest
 
 
@@ -127,8 +116,8 @@ def _read_samples(path: Path) -> List[Tuple[str, Dict[str, bytes]]]:
 
 def check_sample(manifest: Dict[str, Any], fields: Dict[str, bytes]) -> List[str]:
     """What is wrong with one sample's fields (empty list: nothing)."""
-    dataset, task = manifest["dataset"], manifest.get("task", "classification")
-    required = REQUIRED.get((dataset, task), ())
+    dataset, task = manifest["dataset"], manifest_task(manifest)
+    required = REQUIRED_FIELDS.get((dataset, task), ())
     missing = [f for f in required if f not in fields]
     if missing:
         return [f"missing {', '.join(missing)} (has {', '.join(sorted(fields))})"]
@@ -137,10 +126,9 @@ def check_sample(manifest: Dict[str, Any], fields: Dict[str, bytes]) -> List[str
     for ext in ("jpg", "png"):
         if ext in fields:
             try:
-                with Image.open(io.BytesIO(fields[ext])) as image:
-                    image_size = list(image.convert("RGB").size)
-            except Exception as err:  # PIL raises many types for broken files
-                problems.append(f"{ext} does not decode ({type(err).__name__}: {str(err)[:60]})")
+                image_size = list(check_image(fields[ext]))
+            except BadImage as err:
+                problems.append(f"{ext} does not decode ({err})")
     meta: Dict[str, Any] = {}
     if "json" in fields:
         try:

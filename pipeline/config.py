@@ -294,7 +294,7 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config atomically (a run directory's config.yaml)."""
-    from data_prep.shards import write_text_atomic  # here: loading a config needs none of data_prep
+    from data_prep.contract import write_text_atomic  # here: loading a config needs none of data_prep
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -230,7 +230,7 @@ def write_report_json(out: Path, metrics: dict, initial_hits: List[dict], baseli
     `part_hit_rate` scores the class-deciding parts (per stream: crown, wing, and "all" = both in
     the window at once); `all_parts_hit_rate` every annotated part; `initial_*` the same for the
     windows the model started from."""
-    from data_prep.shards import write_json_atomic
+    from data_prep.contract import write_json_atomic
 
     windows = (metrics.get("windows") or {}).get("streams") or []
     report = {"st": {"top1": metrics.get("top1"), "num_samples": metrics.get("num_samples"),

@@ -103,7 +103,8 @@ def test_counts_follow_official_split(cub_root, cub_out):
     for split in ("train", "test"):
         expected = sum(r["split"] == split for r in raw.values())
         assert manifest["splits"][split]["num_samples"] == expected == 30
-        assert [s["num_samples"] for s in manifest["splits"][split]["shards"]] == [7, 7, 7, 7, 2]
+        # 30 in shards of at most 7: five of 6, not 7, 7, 7, 7 and a shard of 2
+        assert [s["num_samples"] for s in manifest["splits"][split]["shards"]] == [6, 6, 6, 6, 6]
     assert manifest["dataset"] == "cub" and manifest["format_version"] == 1
     assert len(manifest["classes"]) == 200 and manifest["skipped"] == []
     assert len(manifest["parts"]) == 15 and "left eye" in manifest["parts"]
@@ -204,3 +205,22 @@ def test_a_small_set_gets_fewer_shards_not_one_sample_ones(cub_root, tmp_path):
         sizes = [shard["num_samples"] for shard in split["shards"]]
         assert all(size == cub.MIN_SHARD_SIZE for size in sizes[:-1]) and 0 < sizes[-1] <= cub.MIN_SHARD_SIZE
     assert sum(s["num_samples"] for s in manifest["splits"]["train"]["shards"]) > cub.MIN_SHARD_SIZE  # several shards
+
+
+def test_small_sets_get_no_one_sample_shards(cub_root):
+    """17 images at the default size (16): two shards of 8 and 9, not 16 and 1; an explicit size
+    stays the most a shard holds."""
+    plan = cub.make_plan(cub_root, limit=17)
+    assert plan.options["shard_size"] == cub.MIN_SHARD_SIZE == 16
+    for split in ("train", "test"):
+        assert [len(s.items) for s in plan.specs if s.split == split] == [8, 9]
+    sizes = [len(s.items) for s in cub.make_plan(cub_root, shard_size=4).specs if s.split == "train"]
+    assert sizes == [4, 4, 4, 4, 4, 4, 4, 2]  # a last shard of half a shard or more stays as it is
+    assert chunk_specs_sizes(33, 16) == [11, 11, 11] and chunk_specs_sizes(40, 16) == [16, 16, 8]
+    assert chunk_specs_sizes(1, 16) == [1] and chunk_specs_sizes(0, 16) == []
+
+
+def chunk_specs_sizes(count: int, shard_size: int) -> list:
+    from data_prep.jobs import chunk_specs
+
+    return [len(spec.items) for spec in chunk_specs("train", list(range(count)), shard_size)]

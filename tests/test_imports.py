@@ -1,8 +1,10 @@
-"""The package boundaries, read from the source (no imports run): no import circles among the
-project's modules, and data_prep (the torch-light data side) reaches into pipeline in one place only."""
+"""The package boundaries, read from the source: no import circles among the project's modules,
+data_prep (the data side) never imports pipeline, and the shard/manifest contract imports without torch."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,9 +80,34 @@ def test_no_import_circles():
     assert circles(looped)
 
 
-def test_data_prep_reaches_into_pipeline_only_for_the_warp():
+def upward_imports(graph: dict) -> list:
+    return sorted((a, b) for a, targets in graph.items() if a.startswith("data_prep")
+                  for b in targets if b.startswith("pipeline"))
+
+
+def test_data_prep_never_imports_pipeline():
     graph = import_graph()
-    upward = sorted((a, b) for a, targets in graph.items() if a.startswith("data_prep")
-                    for b in targets if b.startswith("pipeline"))
-    # the distortions warp with the models' own sampler (one definition of the warp kinds)
-    assert upward == [("data_prep.distortions", "pipeline.models.spatial_transformer")]
+    # pipeline builds on data_prep (the contract, the warp core), never the other way round
+    assert ("pipeline.data.manifest", "data_prep.contract") in {(a, b) for a in graph for b in graph[a]}
+    assert upward_imports(graph) == []
+    # the check can fail: a function-level import of pipeline counts too
+    assert upward_imports({**graph, "data_prep.cub": graph["data_prep.cub"] | {"pipeline.config"}})
+
+
+TORCH_BLOCKED = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import data_prep.contract as contract
+import data_prep.verify, data_prep.cub, data_prep.svhn, data_prep.jobs, data_prep.shards
+print(contract.TASKS, contract.shard_name("train", 3))
+"""
+
+
+def test_contract_imports_without_torch():
+    run = subprocess.run([sys.executable, "-c", TORCH_BLOCKED], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "train-000003.tar" in run.stdout
+    # the block works: a module that needs torch fails under it
+    run = subprocess.run([sys.executable, "-c", TORCH_BLOCKED + "import data_prep.warp\n"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "torch" in run.stderr

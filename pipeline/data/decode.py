@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_prep.contract import BadImage, decode_checked
 from pipeline.data.manifest import DataError
 from pipeline.metrics import PAD_DIGIT  # the "no digit" class that pads a sequence to max_length
 
@@ -53,24 +54,23 @@ def decode_rgb(data: bytes, min_side: Optional[int] = None, channels: int = 3) -
     always the original one (boxes and parts refer to it).
     """
     try:
-        img, size, factor = None, None, 1
+        size, factor = None, 1
         if data[:2] == JPEG_MAGIC:  # only a JPEG can be decoded at reduced size: read its header for that
-            img = Image.open(io.BytesIO(data))
-            size = img.size
+            size = Image.open(io.BytesIO(data)).size
             factor = _reduce_factor(*size, min_side)
         flags = (_CV2_GRAY_FLAGS if channels == 1 else _CV2_FLAGS)[factor] | cv2.IMREAD_IGNORE_ORIENTATION
-        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-        if array is None:  # a format or mode OpenCV lacks: let PIL try
-            img = img or Image.open(io.BytesIO(data))
-            return np.asarray(img.convert("L" if channels == 1 else "RGB")).reshape(*img.size[::-1], channels), img.size
-        size = size or (array.shape[1], array.shape[0])
-        if channels == 1:
-            return array[:, :, None], size
-        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB), size
+        # the contract's decode: a truncated or corrupt image raises, never comes back half grey
+        array = decode_checked(data, flags)
+    except BadImage as err:
+        raise CorruptSample(str(err)) from None
     except UnidentifiedImageError:
         raise CorruptSample("not an image in a known format") from None
     except (OSError, ValueError, SyntaxError, cv2.error) as err:
         raise CorruptSample(f"cannot decode image: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    size = size or (array.shape[1], array.shape[0])
+    if channels == 1:
+        return array[:, :, None], size
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB), size
 
 
 def decode_image(sample: Dict[str, Any], min_side: Optional[int] = None,

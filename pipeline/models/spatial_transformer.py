@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 # the functional core (kinds, grids, warp) lives in data_prep.warp, which data-prep's digit distortions
 # use too; re-exported here, the models' home of it
-from data_prep.warp import (KINDS, Size, _bad_kind, _check_kind, _check_theta, _linspace, _pair, _work_dtype,  # noqa: F401
-                            base_grid, control_points, sampling_grid, theta_shape, theta_to_affine,
+from data_prep.warp import (KINDS, Size, _bad_kind, _check_kind, _check_theta, _linspace, _pair,  # noqa: F401
+                            _work_dtype, base_grid, control_points, sampling_grid, theta_shape, theta_to_affine,
                             tps_weights, warp, window_theta)
 
 

@@ -16,7 +16,7 @@ from typing import Dict
 
 from tqdm import tqdm
 
-from data_prep.shards import write_text_atomic
+from data_prep.contract import write_text_atomic
 from pipeline.metrics import flatten
 
 log = logging.getLogger("pipeline.train")

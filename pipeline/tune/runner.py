@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from data_prep.shards import write_text_atomic
+from data_prep.contract import write_text_atomic
 from pipeline.config import to_dict
 from pipeline.tune.sweep import SweepConfig, SweepError, num_grid_points, scheduler_options
 from pipeline.tune.trial import TrialPlan, run_trial, trial_overrides
