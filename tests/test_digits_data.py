@@ -205,7 +205,8 @@ def test_command_writes_shards_and_manifest(idx_root, tmp_path):
     assert manifest["source"]["options"]["distortion"] == "RTS"
     assert manifest["seeds"] == {"train": 3, "test": 4}
     train = manifest["splits"]["train"]
-    assert train["num_samples"] == 12 and [s["num_samples"] for s in train["shards"]] == [4, 4, 4]  # 5 at most, no shard of 2
+    # at most 5 a shard, spread evenly: no last shard of 2
+    assert train["num_samples"] == 12 and [s["num_samples"] for s in train["shards"]] == [4, 4, 4]
     samples = {}
     for shard in train["shards"]:
         assert (out / shard["name"]).stat().st_size == shard["bytes"]
