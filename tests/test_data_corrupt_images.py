@@ -7,6 +7,8 @@ import json
 import random
 import shutil
 
+import cv2
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -14,7 +16,8 @@ from data_prep import cub
 from data_prep.__main__ import main as data_prep_main
 from data_prep.contract import BadImage, check_image
 from data_prep.verify import verify
-from pipeline.data import DataError, build_eval_loader, build_train_loader, read_manifest
+from pipeline.data import DataError, build_eval_loader, build_train_loader, decode_rgb, read_manifest
+from pipeline.data.decode import CorruptSample
 from shard_fixtures import tiny_config
 from test_data_prep_cub import cub_root  # noqa: F401 (the fixture)
 from test_data_prep_robustness import image_path, light_copy
@@ -45,11 +48,17 @@ def test_the_scrambled_jpeg_is_what_slipped_through_and_the_check_rejects_both(c
     with Image.open(io.BytesIO(bad)) as image:
         image.load()  # PIL decodes it without a word
     cub.inspect_jpeg(bad, full=False)  # the header walk passes it
+    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR) is not None  # a bare OpenCV decode too
     assert check_image(data) == Image.open(io.BytesIO(data)).size
     with pytest.raises(BadImage, match="Corrupt JPEG data"):
         check_image(bad)
     with pytest.raises(BadImage, match="truncated"):
         check_image(data[: len(data) // 2])
+    for broken, reason in ((bad, "Corrupt JPEG data"), (data[: len(data) // 2], "truncated")):
+        with pytest.raises(CorruptSample, match=reason):  # the loader's decode, at full and reduced scale
+            decode_rgb(broken)
+        with pytest.raises(CorruptSample, match=reason):
+            decode_rgb(broken, min_side=64)
     assert "Corrupt JPEG" not in capfd.readouterr().err  # libjpeg's warning became the error, not noise
 
 
