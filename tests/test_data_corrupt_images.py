@@ -48,7 +48,8 @@ def test_the_scrambled_jpeg_is_what_slipped_through_and_the_check_rejects_both(c
     with Image.open(io.BytesIO(bad)) as image:
         image.load()  # PIL decodes it without a word
     cub.inspect_jpeg(bad, full=False)  # the header walk passes it
-    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR) is not None  # a bare OpenCV decode too
+    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR) is not None  # a bare OpenCV decode too,
+    assert "Corrupt JPEG data" in capfd.readouterr().err  # with a warning on stderr
     assert check_image(data) == Image.open(io.BytesIO(data)).size
     with pytest.raises(BadImage, match="Corrupt JPEG data"):
         check_image(bad)
