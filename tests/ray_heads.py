@@ -128,12 +128,16 @@ def listeners(sid: int) -> List[Listener]:
         try:
             process = psutil.Process(pid)
             # "gcs_server --log_dir=...", "python dashboard.py --host=...", "ray::DashboardAgent"
-            label = " ".join(os.path.basename(arg) for arg in process.cmdline()[:3]).split("\n")[0][:80]
+            label = " ".join(os.path.basename(_first_line(arg)) for arg in process.cmdline()[:3])[:80]
             found += [Listener(c.laddr.ip, c.laddr.port, pid, label or process.name())
                       for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), text)
 
 
 def is_loopback(ip: str) -> bool:
