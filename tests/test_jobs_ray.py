@@ -1,16 +1,14 @@
 """Ray's job API against a running Ray head: `ray job submit ... -- python -m pipeline.tune ...`.
 
 This is how users run a sweep on an existing Ray cluster (docs/cluster.md): the head here is a
-`ray start --head --block` on localhost with its dashboard (the job API's address) on 127.0.0.1
-only, and Ray's token authentication on, with a throwaway token given through RAY_AUTH_TOKEN
-rather than the user's ~/.ray/auth_token. The head is stopped by its pid at the end.
+`ray start --head --block` that listens on 127.0.0.1 only, the dashboard (the job API's address)
+included, with Ray's token authentication on, with a throwaway token given through RAY_AUTH_TOKEN
+rather than the user's ~/.ray/auth_token. The head and everything it started are stopped at the end.
 """
 from __future__ import annotations
 
 import csv
 import os
-import secrets
-import signal
 import subprocess
 import tempfile
 import time
@@ -18,62 +16,41 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, free_port, need, stop_process, subprocess_env
+from conftest import PYTHON, REPO, need
+from ray_heads import RAY, ray_test_env, start_head, stop_session
 from shard_fixtures import write_tiny_cub_shards
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.multiprocess]
 
-RAY = str(Path(PYTHON).parent / "ray")
-
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """(dashboard URL, client env) of a one-node Ray head with the job API, stopped by pid afterwards."""
+def ray_head():
+    """(dashboard URL, client env) of a one-node Ray head with the job API (tests/ray_heads.py)."""
     need(Path(RAY).is_file(), f"the Ray CLI at {RAY} (the 'tune' extra: ray[tune,default])")
-    env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
-                         RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
-    env.pop("RAY_ADDRESS", None)
+    env = ray_test_env()
     env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
     # Ray's sockets live under the temp dir: keep its path short (AF_UNIX paths are <= 107 bytes).
     temp = Path(tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp"))
-    dashboard = free_port()
-    log = open(tmp_path_factory.mktemp("ray_head") / "head.log", "w+")
-    # Own ports for everything Ray would otherwise take by default, so that a second Ray on the
-    # machine (another test, a user's) does not collide with this one.
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2", "--disable-usage-stats",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--temp-dir={temp}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
+    head = start_head(temp, env, num_cpus=2)
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert head.poll() is None, f"ray start exited with {head.returncode}: {_tail(log)}"
-            probe = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, text=True,
-                                   timeout=60)
+            assert head.process.poll() is None, f"ray start exited with {head.process.returncode}: {_tail(head)}"
+            probe = subprocess.run([RAY, "job", "list", "--address", head.dashboard_url], env=env,
+                                   capture_output=True, text=True, timeout=60)
             if probe.returncode == 0:
                 break
-            assert time.monotonic() < deadline, f"no job API at {url}: {probe.stderr[-2000:]} {_tail(log)}"
+            assert time.monotonic() < deadline, f"no job API at {head.dashboard_url}: {probe.stderr[-2000:]} " \
+                                                f"{_tail(head)}"
             time.sleep(1)
-        yield url, env
+        yield head.dashboard_url, env
     finally:
-        # SIGTERM to `ray start --block` alone: it stops the Ray processes it started in seconds
-        # (signalling its whole process group makes the same shutdown take a minute).
-        stop_process(head, timeout=90)
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # anything of this head's session left behind
-        except ProcessLookupError:
-            pass
-        log.close()
+        stop_session(head.process, grace=90)
         subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
-def _tail(log) -> str:
-    log.flush()
-    return Path(log.name).read_text()[-3000:]
+def _tail(head) -> str:
+    return head.log.read_text()[-3000:]
 
 
 def test_ray_job_submit_runs_the_tiny_sweep_to_the_end(ray_head, tmp_path):

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import secrets
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, free_port, need, subprocess_env
+from conftest import PYTHON, REPO, free_port, need
+from ray_heads import ray_available, ray_test_env, start_head, stop_session, wait_for_head
 from shard_fixtures import write_tiny_cub_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
@@ -31,24 +29,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.service]
 TINY_SWEEP = REPO / "configs" / "sweeps" / "tiny_cpu.yaml"
 
 
-def _ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-        import ray.tune  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def ray_env(tmp_path_factory):
-    need(_ray_available(), "ray[tune,default] installed (the 'tune' extra)")
-    token = secrets.token_hex(16)
-    # Token auth stays on, with a throwaway token for this module's clusters only.
-    env = subprocess_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
-                         RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
-    env.pop("RAY_ADDRESS", None)
-    return env, token
+def ray_env():
+    need(ray_available(), "ray[tune,default] installed (the 'tune' extra)")
+    env = ray_test_env()  # token auth on, with a throwaway token for this module's clusters only
+    return env, env["RAY_AUTH_TOKEN"]
 
 
 @pytest.fixture(scope="module")
@@ -58,68 +43,18 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_head(ray_env, tmp_path_factory):
-    """One `ray start --head --block` for the tests that join a running cluster (--address).
+    """One `ray start --head --block` (tests/ray_heads.py) for the tests that join a running cluster.
 
     3 logical CPUs on the 2-core machine: a DDP trial's 2 workers plus its driver's token share.
-    The dashboard (127.0.0.1) serves the state API that Ray Train's controller polls. Explicit
-    free ports, so that other Ray clusters on the machine do not collide with this one.
+    The dashboard serves the state API that Ray Train's controller polls.
     """
     env, _ = ray_env
-    port, dashboard, agent, client = (free_port() for _ in range(4))
-    temp = tmp_path_factory.mktemp("ray")
-    log = temp / "head.log"
-    head = subprocess.Popen(
-        [str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=3",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-         f"--ray-client-server-port={client}", "--disable-usage-stats",
-         f"--temp-dir={temp}"],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    head = start_head(tmp_path_factory.mktemp("ray"), env, num_cpus=3)
     try:
-        _wait_for_head(head, log)
-        yield f"127.0.0.1:{port}"
+        wait_for_head(head)
+        yield head.address
     finally:
-        stop_session(head)
-
-
-def _session_pids(sid: int) -> list:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def stop_session(leader: subprocess.Popen, grace: float = 30) -> None:
-    """Stop a process started with start_new_session=True and everything it started (its session)."""
-    if leader.poll() is None:
-        leader.send_signal(signal.SIGINT)  # `ray start --block` and drivers shut Ray down on SIGINT
-        try:
-            leader.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    for pid in _session_pids(leader.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if leader.poll() is None:
-        leader.wait()
-
-
-def _wait_for_head(head: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    """`ray start --block` prints "Ray runtime started." once the head takes connections."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if "Ray runtime started" in log.read_text():
-            return
-        if head.poll() is not None:
-            raise AssertionError(f"ray start exited with {head.returncode}: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"the Ray head did not come up in {timeout}s: {log.read_text()[-3000:]}")
+        stop_session(head.process)
 
 
 def _sweep_file(tmp_path: Path, shards: Path, **changes) -> Path:

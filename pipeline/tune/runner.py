@@ -3,9 +3,10 @@
     result = run_sweep(load_sweep("configs/sweeps/tiny_cpu.yaml"))
     result.best_config_path   # YAML that `python -m pipeline.train --config` runs as is
 
-Ray: with no address (argument or RAY_ADDRESS) a local Ray starts with its dashboard on
-127.0.0.1 (never 0.0.0.0: a reachable dashboard runs anyone's code), and Ray's token
-authentication stays as Ray sets it (on by default; the token is in ~/.ray/auth_token).
+Ray: with no address (argument or RAY_ADDRESS) a new local Ray starts, of its own even when
+another runs on this machine, with every Ray process, the dashboard included, listening on
+127.0.0.1 only (pipeline/tune/local_ray.py; a reachable dashboard runs anyone's code), and Ray's
+token authentication stays as Ray sets it (on by default; the token is in ~/.ray/auth_token).
 
 Experiment folder `<storage_path>/<name>/`:
     sweep.yaml          the validated sweep (a rerun with a different sweep is refused)
@@ -31,6 +32,7 @@ import yaml
 
 from data_prep.contract import write_text_atomic
 from pipeline.config import to_dict
+from pipeline.tune.local_ray import init_local_ray
 from pipeline.tune.sweep import SweepConfig, SweepError, num_grid_points, scheduler_options
 from pipeline.tune.trial import TrialPlan, run_trial, trial_overrides
 
@@ -56,16 +58,15 @@ class SweepResult:
 def connect_ray(address: Optional[str] = None, dashboard_port: int = DEFAULT_DASHBOARD_PORT,
                 num_cpus: Optional[int] = None) -> Optional[str]:
     """Join the Ray at `address` / RAY_ADDRESS, or start a local one; returns the dashboard URL."""
-    import ray
-
-    if ray.is_initialized():
+    # `ray` is imported only where needed: a local Ray must set itself up before that import.
+    joined = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if joined:
         context = None
     elif address or os.environ.get("RAY_ADDRESS"):
+        import ray
         context = ray.init(address=address or None, log_to_driver=True)
     else:
-        # address="local": a new Ray of our own, even when another is running on this machine.
-        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                           dashboard_port=dashboard_port, num_cpus=num_cpus)
+        context = init_local_ray(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=num_cpus)
     url = getattr(context, "dashboard_url", None) if context is not None else None
     if url:
         url = url if url.startswith("http") else f"http://{url}"
