@@ -74,36 +74,37 @@ def summary_lines(result: Dict[str, Any]) -> List[str]:
                       + (f", {result['num_skipped']} skipped as corrupt" if result.get("num_skipped") else ""))]
     rows += [(name, f"{value:.4f}") for name, value in result.items()
              if isinstance(value, float) and name != "seconds"]
-    lines = [f"{name:<12}{value}" for name, value in rows]
-    return lines + _window_lines(result.get("windows")) + _part_lines(result.get("part_hit_rate"))
+    indent = max(12, max(len(name) for name, _ in rows) + 2)
+    lines = [f"{name:<{indent}}{value}" for name, value in rows]
+    return lines + _window_lines(result.get("windows"), indent) + _part_lines(result.get("part_hit_rate"), indent)
 
 
-def _window_lines(windows: Optional[Dict[str, Any]]) -> List[str]:
+def _window_lines(windows: Optional[Dict[str, Any]], indent: int) -> List[str]:
     """Per stream: mean window centre, spread (std) of the centres, and scale (side / image side);
     coordinates run from -1 (left, top) to 1 (right, bottom)."""
     streams = (windows or {}).get("streams") or []
     if not streams:
         return []
-    lines = [f"{'windows':<12}{'stream':<8}{'centre x, y':<16}{'spread x, y':<16}{'scale w, h':<14}outside"]
+    lines = [f"{'windows':<{indent}}{'stream':<8}{'centre x, y':<16}{'spread x, y':<16}{'scale w, h':<14}outside"]
     for i, w in enumerate(streams):
-        lines.append(f"{'':<12}{i:<8}{w['center_x']:+.2f}, {w['center_y']:+.2f}{'':<4}"
+        lines.append(f"{'':<{indent}}{i:<8}{w['center_x']:+.2f}, {w['center_y']:+.2f}{'':<4}"
                      f"{w['spread_x']:.2f}, {w['spread_y']:.2f}{'':<6}{w['width'] / 2:.2f}, {w['height'] / 2:.2f}"
                      f"{'':<4}{w['outside']:.2f}")
     if len(streams) > 1:
-        lines.append(f"{'':<12}mean overlap (IoU) between the streams' windows {windows['mean_overlap_iou']:.2f}")
+        lines.append(f"{'':<{indent}}mean overlap (IoU) between the streams' windows {windows['mean_overlap_iou']:.2f}")
     return lines
 
 
-def _part_lines(hits: Optional[List[Dict[str, float]]]) -> List[str]:
+def _part_lines(hits: Optional[List[Dict[str, float]]], indent: int) -> List[str]:
     """Per part: the share of images (where it is visible) whose window holds it, one column per stream."""
     if not hits:
         return []
     parts = list(dict.fromkeys(part for stream in hits for part in stream))
     width = max(len(p) for p in parts) + 2
-    lines = [f"{'part hits':<12}{'part':<{width}}" + "".join(f"stream {i:<3}" for i in range(len(hits)))]
+    lines = [f"{'part hits':<{indent}}{'part':<{width}}" + "".join(f"stream {i:<3}" for i in range(len(hits)))]
     for part in parts:
         cells = "".join(f"{stream[part]:<10.2f}" if part in stream else f"{'-':<10}" for stream in hits)
-        lines.append(f"{'':<12}{part:<{width}}" + cells)
+        lines.append(f"{'':<{indent}}{part:<{width}}" + cells)
     return lines
 
 
