@@ -20,13 +20,15 @@ import logging
 import os
 import random
 import shutil
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from pipeline.config import to_dict
+from pipeline.train.distributed import all_gather_object, barrier
 
 log = logging.getLogger("pipeline.train")
 
@@ -257,12 +259,13 @@ class Checkpointer:
     """
 
     def __init__(self, cfg, env, parts: Dict[str, Any], progress: Progress, evaluator):
+        """parts: {name: object with state_dict() / load_state_dict()} for model, optimizer, schedule,
+        scaler; evaluator: anything with those two (its best metric and latest metrics)."""
         t = cfg.train
         self.cfg, self.env = cfg, env
         self.dir = CheckpointDir(Path(cfg.run.dir) / "checkpoints", t.keep_checkpoints)
         self.every, self.resume = t.checkpoint_every, t.resume
         self.parts, self.progress, self.evaluator = parts, progress, evaluator
-        self.dir.resume_path(t.resume)  # a missing train.resume file fails here, before any work
 
     @property
     def last(self) -> Path:
@@ -277,13 +280,11 @@ class Checkpointer:
 
     def state_dict(self, rngs: list) -> Dict[str, Any]:
         """The checkpoint (format 1): `rngs` holds every rank's RNG states, rank by rank."""
-        from pipeline.config import to_dict
         return {"format": FORMAT, **{name: part.state_dict() for name, part in self.parts.items()},
                 **self.progress.state_dict(), **self.evaluator.state_dict(), "rng": rngs, "config": to_dict(self.cfg)}
 
     def save(self, is_best: bool) -> Path:
         """Rank 0 writes; every rank contributes its RNG states and waits until the file exists."""
-        from pipeline.train.distributed import all_gather_object, barrier
         rngs = all_gather_object(self.env, rng_state())
         path = self.dir.step_path(self.progress.step)
         if self.env.is_main:
