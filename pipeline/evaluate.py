@@ -76,7 +76,8 @@ def summary_lines(result: Dict[str, Any]) -> List[str]:
              if isinstance(value, float) and name != "seconds"]
     indent = max(12, max(len(name) for name, _ in rows) + 2)
     lines = [f"{name:<{indent}}{value}" for name, value in rows]
-    return lines + _window_lines(result.get("windows"), indent) + _part_lines(result.get("part_hit_rate"), indent)
+    lines += _window_lines(result.get("windows"), indent) + _part_lines(result.get("part_hit_rate"), indent)
+    return [line.rstrip() for line in lines]
 
 
 def _window_lines(windows: Optional[Dict[str, Any]], indent: int) -> List[str]:
