@@ -191,3 +191,35 @@ def test_attributes_set_outside_init_are_found():
 @pytest.mark.parametrize("path, class_name", [(p, c) for p, names in COMPONENTS.items() for c in names])
 def test_trainer_components_set_every_attribute_in_init(path, class_name):
     assert attributes_set_outside_init((REPO / path).read_text(), class_name) == {}
+
+
+def test_the_attention_picture_of_an_evaluation_reaches_tensorboard_once(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.train.distributed import DistEnv
+    from pipeline.train.evaluator import Evaluator
+
+    class Monitor:
+        def __init__(self):
+            self.images, self.records = [], []
+
+        def add_image(self, tag, path, step):
+            self.images.append((tag, path, step))
+
+        def record(self, step, split, values):
+            self.records.append((step, split))
+
+        def message(self, text):
+            pass
+
+    evaluator = Evaluator(load_config(None, []), DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False), None,
+                          "classification")
+    monitor = Monitor()
+
+    def drawing():  # what Evaluator.evaluate does on rank 0 of an attention model (the trainer's hook calls it)
+        evaluator.picture = tmp_path / "step_0000002.png"
+        return {"top1": 0.5}
+
+    assert evaluator.run(None, 2, monitor, drawing) == ({"top1": 0.5}, True)
+    assert evaluator.run(None, 4, monitor, lambda: {"top1": 0.25}) == ({"top1": 0.25}, False)
+    assert monitor.images == [("attention", tmp_path / "step_0000002.png", 2)]
+    assert monitor.records == [(2, "test"), (4, "test")] and evaluator.best == 0.5

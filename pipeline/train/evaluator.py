@@ -34,6 +34,7 @@ class Evaluator:
         self.metric_name = BEST_METRIC[task]
         self.best: Optional[float] = None
         self.metrics: Optional[Dict[str, Any]] = None
+        self.picture: Optional[Path] = None  # drawn by the latest evaluation, not yet shown in TensorBoard
         self._viz_images: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def due(self, step: int, final: bool) -> bool:
@@ -42,7 +43,10 @@ class Evaluator:
     def run(self, model: nn.Module, step: int, monitor, evaluate=None) -> Tuple[Dict[str, Any], bool]:
         """Evaluate (with `evaluate()` when given: the trainer's hook), log to `monitor`, and track the
         best; returns (metrics, whether they are a new best)."""
-        self.metrics = evaluate() if evaluate is not None else self.evaluate(model, step, monitor=monitor)
+        self.metrics = evaluate() if evaluate is not None else self.evaluate(model, step)
+        if self.picture is not None:
+            monitor.add_image("attention", self.picture, step)
+            self.picture = None
         value = self.metrics.get(self.metric_name)
         improved = value is not None and (self.best is None or value > self.best)
         if improved:
@@ -58,9 +62,8 @@ class Evaluator:
         return evaluate(model, self.cfg, self.manifest, self.split, self.env.device, self.env.rank,
                         self.env.world_size, self.max_samples)
 
-    def evaluate(self, model: nn.Module, step: int, memory_format=torch.contiguous_format,
-                 monitor=None) -> Dict[str, Any]:
-        """The split's metrics (`score`), and rank 0's attention picture (added to `monitor`)."""
+    def evaluate(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> Dict[str, Any]:
+        """The split's metrics (`score`), and rank 0's attention picture (`self.picture`)."""
         sync_buffers_from_rank0(model)
         model.eval()
         # Evaluation must not move the training RNGs (loaders draw seeds from them): a resumed run
@@ -70,9 +73,7 @@ class Evaluator:
             with blocked_in_new_workers():
                 metrics = self.score(model)
             if self.env.is_main and getattr(model, "num_streams", 0) and self.cfg.train.num_viz > 0:
-                path = self.draw_attention(model, step, memory_format)
-                if monitor is not None:
-                    monitor.add_image("attention", path, step)
+                self.picture = self.draw_attention(model, step, memory_format)
         finally:
             model.train()
             ckpt.set_rng_state(rngs)
