@@ -223,3 +223,18 @@ def test_the_attention_picture_of_an_evaluation_reaches_tensorboard_once(tmp_pat
     assert evaluator.run(None, 4, monitor, lambda: {"top1": 0.25}) == ({"top1": 0.25}, False)
     assert monitor.images == [("attention", tmp_path / "step_0000002.png", 2)]
     assert monitor.records == [(2, "test"), (4, "test")] and evaluator.best == 0.5
+
+
+def test_the_colocalisation_model_reads_its_feature_cnn_through_the_same_reader(tmp_path):
+    from pipeline.config import load_config, to_dict
+    from pipeline.models import build_model
+    from pipeline.models.coloc import load_feature_cnn
+
+    cfg = load_config(None, ["model.name=digits_cnn", "model.input_size=28", "model.num_classes=10"])
+    cnn = build_model(cfg.model)
+    torch.save({"model": cnn.state_dict(), "step": 3, "config": to_dict(cfg)}, tmp_path / "cnn.pt")  # format 1, no entry
+    loaded = load_feature_cnn(str(tmp_path / "cnn.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), cnn.state_dict().values()))
+    torch.save({"model": cnn.state_dict(), "step": 3, "config": to_dict(cfg), "format": 2}, tmp_path / "new.pt")
+    with pytest.raises(ValueError, match="new.pt: checkpoint format 2; this version of pipeline reads format 1"):
+        load_feature_cnn(str(tmp_path / "new.pt"))
