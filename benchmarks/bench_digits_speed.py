@@ -114,10 +114,7 @@ class RunnerLoop:
             f"data.root={data_root}", f"train.global_batch_size={batch}", "model.extra.width=32", "train.device=cpu",
             "run.dir=/tmp/unused", *extra])
         self.trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False))
-        self.trainer.manifest = self.trainer.read_data()
-        self.trainer.distortion = self.trainer.fresh_distortion()
-        self.trainer.build_model_and_optimiser()
-        self.model = self.trainer.model
+        self.model = self.trainer.learner.model
         self.stream = self.trainer.train_stream()
 
     def step(self) -> None:

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_train_step.py --backbone resnet10t --input-size 128 --streams 2 4
     .venv/bin/python benchmarks/bench_train_step.py --device cuda --compile --streams 2   # torch.compile'd variants
 
-Each variant is the trainer's own step (`Trainer.train_step`: normalise, forward, loss, backward,
+Each variant is the trainer's own step (`Learner.step` and the loss read back: normalise, forward, loss, backward,
 optimiser, schedule; channels_last and bf16 autocast on CUDA) on a fixed uint8 batch, so data
 loading is not timed. Measured in rounds that alternate the variants (machine load hits each alike):
   nxst N     nxst_cnn with N streams at --input-size, crops of --crop-size
@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train.distributed import DistEnv  # noqa: E402
-from pipeline.train.trainer import Trainer  # noqa: E402
+from pipeline.train.trainer import Learner  # noqa: E402
 
 GPU_DEFAULTS = {"backbone": "inception_v3", "input_size": 448, "crop_size": 224, "batch": 32}
 CPU_DEFAULTS = {"backbone": "resnet10t", "input_size": 224, "crop_size": 112, "batch": 8}
@@ -77,18 +77,18 @@ def variant_overrides(args, streams: int, stream_mode: str = "loop") -> list:
 
 
 def make_trainer(args, device: torch.device, streams: int, stream_mode: str = "loop"):
-    """(world-size-1 trainer, fixed uint8 batch) for `streams` streams (0 = the bare backbone at the crop size)."""
+    """(world-size-1 learner, fixed uint8 batch, bytes it allocated when built) for `streams` streams
+    (0 = the bare backbone at the crop size)."""
     size = args.input_size if streams else args.crop_size
     cfg = load_config(None, variant_overrides(args, streams, stream_mode))
-    trainer = Trainer(cfg, DistEnv(0, 1, 0, device, owns_group=False))
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    trainer.build_model_and_optimiser()
-    trainer.built_bytes = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
+    learner = Learner(cfg, DistEnv(0, 1, 0, device, owns_group=False))
+    built_bytes = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
     images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
     targets = torch.randint(0, cfg.model.num_classes, (args.batch,))
     if device.type == "cuda":
         images, targets = images.pin_memory(), targets.pin_memory()
-    return trainer, (images, targets)
+    return learner, (images, targets), built_bytes
 
 
 def timed_steps(variant, steps: int) -> Tuple[float, float]:
@@ -96,14 +96,14 @@ def timed_steps(variant, steps: int) -> Tuple[float, float]:
 
     On CPU the ratio uses the process's CPU time: on a shared machine wall time mostly measures
     the neighbours, while the CPU time of a one-thread process is its own work."""
-    trainer, batch = variant
-    device = trainer.env.device
+    learner, batch, _ = variant
+    device = learner.env.device
     forever = iter(lambda: batch, None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        trainer.train_step(forever)
+        learner.step(forever)[0].item()  # the trainer reads each step's loss back (its NaN check)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
@@ -145,8 +145,8 @@ def memory_child(args) -> None:
 def warm_up(name: str, variant, steps: int) -> dict:
     """Time the first `steps` steps one by one (they include torch.compile's compile) and, on CUDA,
     the variant's peak memory (see the module docstring)."""
-    trainer = variant[0]
-    device = trainer.env.device
+    learner, _, built_bytes = variant
+    device = learner.env.device
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -161,7 +161,7 @@ def warm_up(name: str, variant, steps: int) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
     row = {"warmup_step_s": times}
     if cuda:
-        row["inproc_peak_memory_mb"] = (trainer.built_bytes + torch.cuda.max_memory_allocated(device) - before) / 2**20
+        row["inproc_peak_memory_mb"] = (built_bytes + torch.cuda.max_memory_allocated(device) - before) / 2**20
     print(f"{name}: warm-up steps " + ", ".join(f"{t:.2f}" for t in times) + " s"
           + (f" (first - last: {times[0] - times[-1]:.1f} s)" if steps > 1 else "")
           + (f", peak {row['inproc_peak_memory_mb']:.0f} MiB" if cuda else ""), flush=True)

@@ -72,7 +72,8 @@ def _best_checkpoint(run_dir: Path) -> Path:
 def evaluate(run_dir: Path) -> dict:
     ckpt = _best_checkpoint(run_dir)
     _stage(f"evaluating {ckpt} on the test split")
-    out = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(ckpt), "--split", "test"],
+    out = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(ckpt), "--split", "test",
+                          "--json"],
                          check=True, env=_child_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

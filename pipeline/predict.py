@@ -40,9 +40,9 @@ def image_paths(inputs: Sequence[str]) -> List[Path]:
     return paths
 
 
-def class_names(state: Dict[str, Any], cfg) -> Optional[List[str]]:
-    if state.get("classes"):
-        return list(state["classes"])
+def class_names(checkpoint, cfg) -> Optional[List[str]]:
+    if checkpoint.classes:
+        return list(checkpoint.classes)
     try:
         from pipeline.data import read_manifest
 
@@ -67,7 +67,7 @@ def load_image(path: Path, cfg):
     return torch.from_numpy(view_image.copy()).permute(2, 0, 1), view, size
 
 
-def predict(model, cfg, state: Dict[str, Any], paths: Sequence[Path], top_k: int = 5,
+def predict(model, cfg, checkpoint, paths: Sequence[Path], top_k: int = 5,
             draw: Optional[Path] = None, device: str = "cpu") -> Iterator[Dict[str, Any]]:
     """One record per image, as it is scored (see the module docstring); pictures into `draw` when given."""
     import torch
@@ -75,7 +75,7 @@ def predict(model, cfg, state: Dict[str, Any], paths: Sequence[Path], top_k: int
     from pipeline.data import normalize
     from pipeline.metrics import PAD_DIGIT
 
-    names = class_names(state, cfg)
+    names = class_names(checkpoint, cfg)
     streams = int(getattr(model, "num_streams", 0) or 0) if hasattr(model, "attend") else 0
     model.to(device)
     for path in paths:
@@ -134,12 +134,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.top_k < 1:
             raise ValueError(f"--top-k {args.top_k}: must be at least 1")
         paths = image_paths(inputs)
-        model, cfg, state = load_model(args.checkpoint, overrides)
+        model, cfg, checkpoint = load_model(args.checkpoint, overrides)
         import torch
 
         device = "cuda" if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
         draw = Path(args.draw) if args.draw else None
-        for record in predict(model, cfg, state, paths, args.top_k, draw, device):
+        for record in predict(model, cfg, checkpoint, paths, args.top_k, draw, device):
             print(json.dumps(record), flush=True)
     except INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """DDP equivalence: one optimiser step on 2 gloo ranks with per-rank batch b gives the parameters of
 one step in 1 process with batch 2b on the same samples (and so does gradient accumulation).
 
-The step is the trainer's own `train_step` (normalise, forward, loss, backward with DDP's
+The step is the trainer's own (`Learner.step`: normalise, forward, loss, backward with DDP's
 all-reduce / `no_sync`, optimiser, schedule) fed fixed uint8 tensors instead of the data loader.
 Dropout is off, and the model (timm's test_convnext trunks) uses LayerNorm, whose gradients do not
 depend on how a batch is split. With BatchNorm they would: batch statistics over b differ from
@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import load_config
 from pipeline.train.distributed import setup
-from pipeline.train.trainer import Trainer
+from pipeline.train.trainer import Learner
 from test_train_helpers import TINY_MODEL
 
 GLOBAL_BATCH = 8
@@ -37,29 +37,27 @@ def fixed_batch():
     return images, targets
 
 
-def make_trainer(micro_batch: int) -> Trainer:
+def make_learner(micro_batch: int) -> Learner:
     cfg = load_config(None, [*TINY_MODEL, "model.dropout=0", "train.device=cpu", "optim.lr=0.5",
                              "optim.weight_decay=0.01", "optim.lr_scale.localisation=0.1",
                              f"train.global_batch_size={GLOBAL_BATCH}", f"train.micro_batch_size={micro_batch}"])
-    trainer = Trainer(cfg, setup("cpu"))  # inside a spawned group, setup() joins it (as under Ray)
-    trainer.build_model_and_optimiser()
-    return trainer
+    return Learner(cfg, setup("cpu"))  # inside a spawned group, setup() joins it (as under Ray)
 
 
-def params(trainer: Trainer) -> dict:
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+def params(learner: Learner) -> dict:
+    return {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
 
 
 def one_step(micro_batch: int, samples) -> dict:
     """Parameters after one trainer step on `samples` (a slice or index tensor) of the fixed batch."""
-    trainer = make_trainer(micro_batch)
+    learner = make_learner(micro_batch)
     images, targets = fixed_batch()
     images, targets = images[samples], targets[samples]
     stream = iter([(images[i:i + micro_batch], targets[i:i + micro_batch])
                    for i in range(0, len(images), micro_batch)])
-    trainer.train_step(stream)
+    learner.step(stream)
     assert next(stream, None) is None, "the step did not use exactly its share of the batch"
-    return params(trainer)
+    return params(learner)
 
 
 def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
@@ -95,7 +93,7 @@ def test_two_rank_step_equals_one_process_step_on_the_whole_batch(tmp_path: Path
     _assert_close(one_step(GLOBAL_BATCH // 2, slice(None)), reference, "1 process, b x 2 accumulation steps")
 
     # The check has power: the step moved the weights, and half the batch alone lands elsewhere.
-    start = params(make_trainer(GLOBAL_BATCH))
+    start = params(make_learner(GLOBAL_BATCH))
     moved = max((reference[k] - start[k]).abs().max().item() for k in start if start[k].is_floating_point())
     assert moved > 1e3 * ATOL
     rank0_only = one_step(GLOBAL_BATCH, torch.arange(GLOBAL_BATCH) % (GLOBAL_BATCH // 2))  # no all-reduce

@@ -87,7 +87,7 @@ def test_two_rank_run_trains_evaluates_and_writes_its_run_dir(ddp_run, shards):
 def test_evaluate_cli_under_torchrun_reproduces_the_checkpoint_metrics(ddp_run):
     run_dir, _, _ = ddp_run
     best = run_dir / "checkpoints" / "best.pt"
-    result = run_cli(["--checkpoint", str(best), "--split", "test"], nproc=2, module="pipeline.evaluate")
+    result = run_cli(["--checkpoint", str(best), "--split", "test", "--json"], nproc=2, module="pipeline.evaluate")
     assert result.returncode == 0, explain(result)
     printed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # rank 0 only

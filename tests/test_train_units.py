@@ -205,12 +205,10 @@ def test_grad_clip_bounds_the_first_update(tmp_path):
                                          "optim.weight_decay=0.0", "optim.lr_scale.localisation=1.0",
                                          f"optim.grad_clip={clip if clip else 'null'}", "model.dropout=0.0"))
         trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False))
-        trainer.manifest = trainer.read_data()
-        trainer.distortion = trainer.fresh_distortion()
-        trainer.build_model_and_optimiser()
-        before = [p.detach().clone() for p in trainer.model.parameters()]
+        model = trainer.learner.model
+        before = [p.detach().clone() for p in model.parameters()]
         trainer.train_step(trainer.train_stream())
-        moved[clip] = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)]).norm()
+        moved[clip] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm()
     assert moved[None] > 0.1  # unclipped, the step is far larger than the bound ...
     assert moved[0.01] == pytest.approx(0.01, rel=1e-3)  # ... clipped, its norm is the bound
 
@@ -238,23 +236,22 @@ def test_sync_bn_converts_every_batchnorm_on_distributed_cuda_and_is_ignored_on_
     import timm
     from timm.layers import BatchNormAct2d
     from pipeline.train.distributed import DistEnv
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import sync_batchnorm
 
-    cfg = load_config(None, ["train.sync_bn=true", "run.dir=/tmp/unused-sync-bn"])
+    cfg = load_config(None, ["train.sync_bn=true"])
     model = timm.create_model("test_efficientnet", pretrained=False)  # BatchNormAct2d layers: norm + activation
     acts = [type(m.act).__name__ for m in model.modules() if isinstance(m, BatchNormAct2d)]
     assert acts
-    cuda = Trainer(cfg, DistEnv(0, 2, 0, torch.device("cuda", 0), owns_group=False))  # converting needs no GPU
-    synced = cuda.sync_batchnorm(model)
+    synced = sync_batchnorm(model, cfg, DistEnv(0, 2, 0, torch.device("cuda", 0), owns_group=False))  # needs no GPU
     assert not any(isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, torch.nn.SyncBatchNorm)
                    for m in synced.modules())
     assert [type(m.act).__name__ for m in synced.modules() if hasattr(m, "act") and
             isinstance(m, torch.nn.SyncBatchNorm)] == acts  # each activation kept
-    cpu = Trainer(cfg, DistEnv(0, 2, 0, torch.device("cpu"), owns_group=False))
     fresh = timm.create_model("test_efficientnet", pretrained=False)
-    assert cpu.sync_batchnorm(fresh) is fresh and "train.sync_bn=true ignored" in caplog.text
-    single = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cuda", 0), owns_group=False))
-    assert single.sync_batchnorm(fresh) is fresh  # one rank: nothing to synchronise
+    cpu = DistEnv(0, 2, 0, torch.device("cpu"), owns_group=False)
+    assert sync_batchnorm(fresh, cfg, cpu) is fresh and "train.sync_bn=true ignored" in caplog.text
+    single = DistEnv(0, 1, 0, torch.device("cuda", 0), owns_group=False)
+    assert sync_batchnorm(fresh, cfg, single) is fresh  # one rank: nothing to synchronise
 
 
 def test_channels_last_input_gives_the_same_logits_as_contiguous():

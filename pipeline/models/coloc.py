@@ -125,13 +125,13 @@ def load_feature_cnn(path: Optional[str]) -> nn.Module:
     from pipeline.config import from_dict
     from pipeline.train import checkpoint as ckpt
 
-    state = ckpt.load(path)
-    cfg = from_dict(state["config"], str(path)).model
+    checkpoint = ckpt.read(path)
+    cfg = from_dict(checkpoint.config, str(path)).model
     if cfg.name != "digits_cnn" or cfg.input_size != 28:
         raise ValueError(f"model.extra.feature_checkpoint={path} holds model {cfg.name} at {cfg.input_size} px; "
                          "expected digits_cnn at 28 px")
     cnn = digits_cnn(input_size=cfg.input_size, num_classes=cfg.num_classes, **cfg.extra)
-    ckpt.load_weights(cnn, state["model"], path, cfg.name)
+    ckpt.load_weights(cnn, checkpoint.model, path, cfg.name)
     return cnn
 
 

@@ -1,9 +1,10 @@
 """The trainer's evaluation component: when to evaluate, on which split, the best metric so far,
 and the attention pictures. `fit()` asks it (`due`, then `run`); it owns its state (`state_dict`).
+`python -m pipeline.evaluate` uses it too (`score`: the metrics alone, no pictures).
 
-    evaluator = Evaluator(cfg, env, manifest, monitor)
+    evaluator = Evaluator(cfg, env, manifest, task)
     if evaluator.due(step, final):
-        metrics, improved = evaluator.run(model, step, memory_format)
+        metrics, improved = evaluator.run(model, step, monitor)
 """
 from __future__ import annotations
 
@@ -24,33 +25,45 @@ BEST_METRIC = {"classification": "top1", "sequence": "sequence_accuracy", "coloc
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, env: DistEnv, manifest, monitor, task: str):
-        self.cfg, self.env, self.manifest, self.monitor = cfg, env, manifest, monitor
-        self.every, self.split = cfg.train.eval_every, cfg.data.eval_split
+    def __init__(self, cfg: Config, env: DistEnv, manifest, task: str, split: Optional[str] = None,
+                 max_samples: Optional[int] = None):
+        """split: default data.eval_split; max_samples: score only the first N (None: all)."""
+        self.cfg, self.env, self.manifest = cfg, env, manifest
+        self.every, self.split = cfg.train.eval_every, split or cfg.data.eval_split
+        self.max_samples = max_samples
         self.metric_name = BEST_METRIC[task]
         self.best: Optional[float] = None
         self.metrics: Optional[Dict[str, Any]] = None
+        self.picture: Optional[Path] = None  # drawn by the latest evaluation, not yet shown in TensorBoard
         self._viz_images: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def due(self, step: int, final: bool) -> bool:
         return step % self.every == 0 or final
 
-    def run(self, model: nn.Module, step: int, evaluate=None) -> Tuple[Dict[str, Any], bool]:
-        """Evaluate (with `evaluate()` when given: the trainer's hook), log, and track the best;
-        returns (metrics, whether they are a new best)."""
+    def run(self, model: nn.Module, step: int, monitor, evaluate=None) -> Tuple[Dict[str, Any], bool]:
+        """Evaluate (with `evaluate()` when given: the trainer's hook), log to `monitor`, and track the
+        best; returns (metrics, whether they are a new best)."""
         self.metrics = evaluate() if evaluate is not None else self.evaluate(model, step)
+        if self.picture is not None:
+            monitor.add_image("attention", self.picture, step)
+            self.picture = None
         value = self.metrics.get(self.metric_name)
         improved = value is not None and (self.best is None or value > self.best)
         if improved:
             self.best = value
-        self.monitor.record(step, self.split, self.metrics)
-        self.monitor.message(f"step {step} {self.split}: " + ", ".join(
+        monitor.record(step, self.split, self.metrics)
+        monitor.message(f"step {step} {self.split}: " + ", ".join(
             f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, float) and "/" not in k))
         return self.metrics, improved
 
-    def evaluate(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> Dict[str, Any]:
-        """The split's metrics on every rank (all-reduced), and rank 0's attention picture."""
+    def score(self, model: nn.Module) -> Dict[str, Any]:
+        """The split's metrics on every rank (all-reduced over the ranks)."""
         from pipeline.evaluation import evaluate
+        return evaluate(model, self.cfg, self.manifest, self.split, self.env.device, self.env.rank,
+                        self.env.world_size, self.max_samples)
+
+    def evaluate(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> Dict[str, Any]:
+        """The split's metrics (`score`), and rank 0's attention picture (`self.picture`)."""
         sync_buffers_from_rank0(model)
         model.eval()
         # Evaluation must not move the training RNGs (loaders draw seeds from them): a resumed run
@@ -58,16 +71,15 @@ class Evaluator:
         rngs = ckpt.rng_state()
         try:
             with blocked_in_new_workers():
-                metrics = evaluate(model, self.cfg, self.manifest, self.split, self.env.device, self.env.rank,
-                                   self.env.world_size, self.cfg.train.eval_max_samples)
+                metrics = self.score(model)
             if self.env.is_main and getattr(model, "num_streams", 0) and self.cfg.train.num_viz > 0:
-                self.draw_attention(model, step, memory_format)
+                self.picture = self.draw_attention(model, step, memory_format)
         finally:
             model.train()
             ckpt.set_rng_state(rngs)
         return metrics
 
-    def draw_attention(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> None:
+    def draw_attention(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> Path:
         """The viz images with each stream's window (legend: stream colours), its crops, and per image
         the true and the predicted class (classification)."""
         from pipeline.data import normalize
@@ -82,9 +94,8 @@ class Evaluator:
                 captions = [f"true: {self.class_name(t)}\npred: {self.class_name(p)}"
                             for t, p in zip(targets.tolist(), predicted.tolist())]
         legend = [f"stream {i}" for i in range(out["boxes"].shape[1])]
-        path = attention_picture(images, out["boxes"], out["crops"], d.mean, d.std,
+        return attention_picture(images, out["boxes"], out["crops"], d.mean, d.std,
                                  Path(self.cfg.run.dir) / "viz" / f"step_{step:07d}.png", captions, legend)
-        self.monitor.add_image("attention", path, step)
 
     def class_name(self, index: int) -> str:
         classes = self.manifest.classes
