@@ -32,7 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ("affine", "attention", "translation", "projective", "tps")
+from pipeline.transform_kinds import TRANSFORM_KINDS, bound_room, check_theta, transform_kind, window_kinds
+
+from .geometry import control_points, tps_weights  # noqa: F401 (part of this module's interface)
+
+KINDS = TRANSFORM_KINDS.names()  # the kinds registered in pipeline.transform_kinds (each kind's own class)
 Size = Union[int, Sequence[int]]
 
 
@@ -40,14 +44,12 @@ Size = Union[int, Sequence[int]]
 
 def num_params(kind: str, num_control_points: int = 16) -> int:
     """Number of scalars in one transform's theta."""
-    return {"affine": 6, "attention": 3, "translation": 2, "projective": 9,
-            "tps": 2 * num_control_points}[_check_kind(kind)]
+    return transform_kind(kind).num_params(num_control_points)
 
 
 def theta_shape(kind: str, num_control_points: int = 16) -> Tuple[int, ...]:
     """Shape of one transform's theta (without the batch dimension)."""
-    return {"affine": (2, 3), "attention": (3,), "translation": (2,), "projective": (3, 3),
-            "tps": (num_control_points, 2)}[_check_kind(kind)]
+    return transform_kind(kind).theta_shape(num_control_points)
 
 
 def identity_theta(kind: str, batch: int, K: int = 16, *, device=None,
@@ -63,43 +65,12 @@ def window_theta(kind: str, windows: torch.Tensor, K: int = 16) -> torch.Tensor:
 
     For `translation` the scale column is dropped (its scale is fixed by `warp(scale=)`).
     """
-    s, tx, ty = windows.unbind(-1)
-    zero, one = torch.zeros_like(s), torch.ones_like(s)
-    if kind == "translation":
-        return torch.stack([tx, ty], -1)
-    if kind == "attention":
-        return windows.clone()
-    if kind == "affine":
-        return torch.stack([s, zero, tx, zero, s, ty], -1).unflatten(-1, (2, 3))
-    if kind == "projective":
-        return torch.stack([s, zero, tx, zero, s, ty, zero, zero, one], -1).unflatten(-1, (3, 3))
-    if kind == "tps":
-        points = control_points(K, dtype=windows.dtype, device=windows.device)
-        return points * s[..., None, None] + torch.stack([tx, ty], -1)[..., None, :]
-    raise ValueError(_bad_kind(kind))
+    return transform_kind(kind).from_windows(windows, K)
 
 
 def theta_to_affine(theta: torch.Tensor, kind: str, scale: float = 0.5) -> torch.Tensor:
     """(..., 2, 3) affine matrix of an `affine`, `attention` or `translation` theta."""
-    if kind == "affine":
-        return theta
-    if kind == "translation":
-        theta = torch.cat([torch.full_like(theta[..., :1], scale), theta], -1)
-        kind = "attention"
-    if kind == "attention":
-        return window_theta("affine", theta)
-    raise ValueError(f"theta_to_affine: kind '{kind}' is not an affine map; "
-                     "expected one of affine, attention, translation")
-
-
-def control_points(K: int = 16, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """(K, 2) output positions (x, y) of the TPS control points: a regular grid on [-1, 1]^2, row-major."""
-    side = round(K ** 0.5)  # not math.isqrt: K may be a symbolic size under torch.compile
-    if side * side != K or side < 2:
-        raise ValueError(f"tps needs a square number of control points >= 4, got K={K}")
-    lin = torch.linspace(-1.0, 1.0, side, dtype=dtype, device=device)
-    y, x = torch.meshgrid(lin, lin, indexing="ij")
-    return torch.stack([x.reshape(-1), y.reshape(-1)], -1)
+    return transform_kind(kind).to_affine(theta, scale)
 
 
 # ----------------------------------------------------------------------------- grids
@@ -120,48 +91,10 @@ def sampling_grid(theta: torch.Tensor, kind: str, out_size: Size, *, scale: floa
     `tps_basis`: the (h*w, K) `tps_weights` of this output grid, precomputed (SpatialTransformer
     keeps it as a buffer) so that a step neither solves the TPS system nor syncs with the host.
     """
-    _check_theta(theta, kind)
+    check_theta(theta, kind)
     h, w = _pair(out_size)
-    batch = theta.shape[0]
     points = base_grid((h, w), align_corners=align_corners, dtype=theta.dtype, device=theta.device).reshape(-1, 2)
-    homog = torch.cat([points, torch.ones_like(points[:, :1])], -1)           # (hw, 3)
-    if kind in ("affine", "attention", "translation"):
-        # F.affine_grid's own arithmetic, minus its size list (which breaks dynamic-shape compile).
-        matrix = theta_to_affine(theta, kind, scale)
-        return torch.einsum("pj,bij->bpi", homog, matrix).reshape(batch, h, w, 2)
-    if kind == "projective":
-        mapped = torch.einsum("pj,bij->bpi", homog, theta)                     # (B, hw, 3)
-        return (mapped[..., :2] / mapped[..., 2:]).reshape(batch, h, w, 2)
-    # tps: the map is linear in theta; the (hw, K) weights depend on the control grid only.
-    weights = tps_weights(points, theta.shape[1]) if tps_basis is None else tps_basis.to(theta.dtype)
-    return torch.einsum("pk,bkc->bpc", weights, theta).reshape(batch, h, w, 2)
-
-
-def tps_weights(points: torch.Tensor, K: int = 16) -> torch.Tensor:
-    """(P, K) matrix W such that a TPS with control-point sources theta (K, 2) maps points to W @ theta.
-
-    Solves the standard TPS system [[U(c, c), [1, c]], [[1, c]^T, 0]] once, in float64, so that
-    identity and affine control points are reproduced exactly.
-    """
-    dtype = points.dtype
-    p = points.double()
-    ctrl = control_points(K, dtype=torch.float64, device=points.device)
-    ones_c = torch.ones(K, 1, dtype=torch.float64, device=points.device)
-    system = torch.zeros(K + 3, K + 3, dtype=torch.float64, device=points.device)
-    system[:K, :K] = _tps_kernel(ctrl, ctrl)
-    system[:K, K:] = torch.cat([ones_c, ctrl], 1)
-    system[K:, :K] = system[:K, K:].T
-    # Right-hand side [I_K; 0]: the coefficients of each control point's source position.
-    rhs = torch.zeros(K + 3, K, dtype=torch.float64, device=points.device)
-    rhs[:K] = torch.eye(K, dtype=torch.float64, device=points.device)
-    coeffs = torch.linalg.solve_ex(system, rhs)[0]  # (K+3, K); _ex: no error check, no host sync
-    rows = torch.cat([_tps_kernel(p, ctrl), torch.ones_like(p[:, :1]), p], 1)  # (P, K+3)
-    return (rows @ coeffs).to(dtype)
-
-
-def _tps_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    d2 = (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
-    return torch.where(d2 > 0, d2 * torch.log(d2.clamp_min(1e-30)), torch.zeros_like(d2))
+    return transform_kind(kind).map_points(points, theta, scale, tps_basis).reshape(theta.shape[0], h, w, 2)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -212,30 +145,10 @@ def window_boxes(theta: torch.Tensor, kind: str, scale: float = 0.5) -> torch.Te
     Works for any leading shape of theta (e.g. (B, N, 3) -> (B, N, 4)). For `tps` the box is that of
     the warped border sampled at 33 points per side.
     """
-    lead = theta.shape[:theta.dim() - len(theta_shape(kind, theta.shape[-2] if kind == "tps" else 16))]
+    spec = transform_kind(kind)
+    lead = theta.shape[:theta.dim() - len(spec.theta_shape(spec.control_points_in(theta)))]
     flat = theta.reshape(-1, *theta.shape[len(lead):])
-    if kind in ("affine", "attention", "translation"):
-        matrix = theta_to_affine(flat, kind, scale)
-        centre = matrix[..., 2]
-        half = matrix[..., :2].abs().sum(-1)                    # the corners' largest offsets
-        boxes = torch.cat([centre - half, centre + half], -1)
-    else:
-        border = _square_border(33, flat.dtype, flat.device)
-        if kind == "projective":
-            homog = torch.cat([border, torch.ones_like(border[:, :1])], -1)
-            mapped = torch.einsum("pj,bij->bpi", homog, flat)
-            mapped = mapped[..., :2] / mapped[..., 2:]
-        else:
-            mapped = torch.einsum("pk,bkc->bpc", tps_weights(border, flat.shape[1]), flat)
-        boxes = torch.cat([mapped.amin(1), mapped.amax(1)], -1)
-    return boxes.reshape(*lead, 4)
-
-
-def _square_border(per_side: int, dtype, device) -> torch.Tensor:
-    t = torch.linspace(-1.0, 1.0, per_side, dtype=dtype, device=device)
-    one = torch.ones_like(t)
-    return torch.cat([torch.stack([t, -one], 1), torch.stack([t, one], 1),
-                      torch.stack([-one, t], 1), torch.stack([one, t], 1)])
+    return spec.boxes(flat, scale).reshape(*lead, 4)
 
 
 # ----------------------------------------------------------------------------- gradient estimate
@@ -377,20 +290,22 @@ class SpatialTransformer(nn.Module):
                  head: str = "linear", map_size: Optional[Tuple[int, int]] = None, spread: float = 1.0,
                  sharpness: float = 1.0):
         super().__init__()
-        _check_kind(kind)
+        spec = transform_kind(kind)
         if head not in ("linear", "softargmax"):
             raise ValueError(f"head={head!r} is not one of linear, softargmax")
-        if head == "softargmax" and (kind != "translation" or bound is not None or map_size is None):
-            raise ValueError("the softargmax head predicts translation windows from a feature map: it needs "
-                             f"kind='translation' (got '{kind}'), bound=None (got {bound!r}) and map_size")
+        if head == "softargmax" and (not spec.fixed_scale or bound is not None or map_size is None):
+            fixed = ", ".join(k.name for k in TRANSFORM_KINDS if k.fixed_scale)
+            raise ValueError("the softargmax head predicts window centres from a feature map: it needs "
+                             f"kind={fixed!r} (got '{kind}'), bound=None (got {bound!r}) and map_size")
         if bound not in (None, "tanh", "tanh_inside"):
             raise ValueError(f"bound={bound!r} is not one of None, 'tanh', 'tanh_inside'")
-        if bound and kind not in ("translation", "attention"):
-            raise ValueError(f"bound={bound!r} applies to translation and attention windows, not kind '{kind}'")
+        if bound and not spec.window:
+            raise ValueError(f"bound={bound!r} applies to {window_kinds()} windows, not kind '{kind}'")
         if bound and not 0.0 < scale < 1.0:
             raise ValueError(f"bound={bound!r} needs a window scale in (0, 1), got scale={scale}")
         self.localisation = localisation
         self.kind, self.out_size, self.scale, self.bound = kind, _pair(out_size), float(scale), bound
+        self.transform_kind = spec
         self.num_transforms, self.num_control_points = num_transforms, num_control_points
         self.align_corners, self.padding_mode = align_corners, padding_mode
         self.head_kind = head
@@ -398,12 +313,9 @@ class SpatialTransformer(nn.Module):
             self.head = SoftArgmaxHead(features, map_size, num_transforms, scale, spread, sharpness)
         else:
             self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
-        # The TPS map of this fixed output grid, solved once; not saved in checkpoints.
-        basis = None
-        if kind == "tps":
-            points = base_grid(self.out_size, align_corners=align_corners, dtype=torch.float64).reshape(-1, 2)
-            basis = tps_weights(points, num_control_points).float()
-        self.register_buffer("tps_basis", basis, persistent=False)
+        # What the kind precomputes for this fixed output grid (tps: its map, solved once); not saved in checkpoints.
+        points = base_grid(self.out_size, align_corners=align_corners, dtype=torch.float64).reshape(-1, 2)
+        self.register_buffer("tps_basis", spec.sampling_basis(points, num_control_points), persistent=False)
         if head == "linear":
             nn.init.zeros_(self.head.weight)
             with torch.no_grad():
@@ -421,11 +333,7 @@ class SpatialTransformer(nn.Module):
         image's edge) under the tanh bound, 1 - scale (the window inside the image) for the soft-argmax."""
         if self.head_kind == "softargmax":
             return 1.0 - self.scale
-        return self._room() if self.bound and self.kind == "translation" else None
-
-    def _room(self) -> float:
-        """How far the tanh bound lets a window's centre go: 1 (tanh), 1 - s for a window of side s (tanh_inside)."""
-        return 1.0 if self.bound == "tanh" else 1.0 - self.scale
+        return bound_room(self.bound, self.scale) if self.bound and self.transform_kind.fixed_scale else None
 
     def predict(self, loc_input: torch.Tensor) -> torch.Tensor:
         """Transform parameters (B, N, *theta_shape) from the localisation input."""
@@ -454,42 +362,17 @@ class SpatialTransformer(nn.Module):
         return window_boxes(theta, self.kind, self.scale)
 
     def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.bound and self.kind == "translation":
-            raw = self._room() * torch.tanh(raw)
-        elif self.bound:  # attention: s in (0, 1), centre inside the image (tanh_inside: the window inside)
-            s = torch.sigmoid(raw[..., :1])
-            raw = torch.cat([s, (1.0 - s if self.bound == "tanh_inside" else 1.0) * torch.tanh(raw[..., 1:])], -1)
-        return raw.reshape(*raw.shape[:2], *theta_shape(self.kind, self.num_control_points))
+        if self.bound:
+            raw = self.transform_kind.bounded(raw, self.bound, self.scale)
+        return raw.reshape(*raw.shape[:2], *self.transform_kind.theta_shape(self.num_control_points))
 
     def _raw_from_windows(self, windows: torch.Tensor) -> torch.Tensor:
-        s, centre = windows[:, :1], windows[:, 1:]
-        if self.bound and self.kind == "translation":
-            return torch.atanh(centre / self._room())
         if self.bound:
-            room = 1.0 - s if self.bound == "tanh_inside" else 1.0
-            return torch.cat([torch.logit(s), torch.atanh(centre / room)], 1)
-        return window_theta(self.kind, windows, self.num_control_points).reshape(len(windows), -1)
+            return self.transform_kind.raw_from_windows(windows, self.bound, self.scale)
+        return self.transform_kind.from_windows(windows, self.num_control_points).reshape(len(windows), -1)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(_bad_kind(kind))
-    return kind
-
-
-def _bad_kind(kind: str) -> str:
-    return f"unknown transform kind '{kind}'; expected one of {', '.join(KINDS)}"
-
-
-def _check_theta(theta: torch.Tensor, kind: str) -> None:
-    _check_kind(kind)
-    expected = theta_shape(kind, theta.shape[1] if kind == "tps" and theta.dim() == 3 else 16)
-    if tuple(theta.shape[1:]) != expected:
-        raise ValueError(f"theta of kind '{kind}' must have shape (B, {', '.join(map(str, expected))}), "
-                         f"got {tuple(theta.shape)}")
-
 
 def _pair(size: Size) -> Tuple[int, int]:
     if isinstance(size, int):
