@@ -6,7 +6,8 @@
 
 Coordinates are normalised to [-1, 1] as in `F.affine_grid(align_corners=False)`: (-1, -1) is
 the top-left corner of the image, x runs along the width. `theta` maps *output* coordinates to
-*input* coordinates (the sampling grid), for these kinds:
+*input* coordinates (the sampling grid), for these kinds (each one class in `pipeline.transform_kinds`,
+which owns its theta shape, identity and tiling start, grid, boxes and bound; the functions here ask it):
 
 | kind          | theta         | meaning                                                          |
 |---------------|---------------|------------------------------------------------------------------|
@@ -36,7 +37,7 @@ from pipeline.transform_kinds import TRANSFORM_KINDS, bound_room, check_theta, t
 
 from .geometry import control_points, tps_weights  # noqa: F401 (part of this module's interface)
 
-KINDS = TRANSFORM_KINDS.names()  # the kinds registered in pipeline.transform_kinds (each kind's own class)
+KINDS = TRANSFORM_KINDS.names()  # the built-in kinds (a kind registered later is in TRANSFORM_KINDS only)
 Size = Union[int, Sequence[int]]
 
 
