@@ -17,6 +17,9 @@ from typing import Any, Dict, List, Optional, Sequence, Type
 import yaml
 from omegaconf import OmegaConf
 
+from data_prep.registry import Registry
+from data_prep.transform_kinds import TRANSFORM_KINDS
+
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
@@ -30,7 +33,7 @@ class ModelConfig:
     num_streams: int = 2                   # N spatial transformers / streams; 0 = the bare backbone
     input_size: int = 448                  # side of the full-resolution input (224 or 448 in the paper)
     crop_size: int = 224                   # side of each transformer's output crop
-    transform: str = "translation"         # affine | attention | translation | projective | tps
+    transform: str = "translation"         # a kind of data_prep.transform_kinds: affine | attention | translation | projective | tps
     transform_scale: float = 0.5           # fixed window scale of the `translation` kind (paper A.5: 0.5)
     num_classes: int = 200
     dropout: float = 0.7
@@ -197,7 +200,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
 
 
 _CHOICES = {
-    "model.transform": ("affine", "attention", "translation", "projective", "tps"),
+    "model.transform": TRANSFORM_KINDS,  # read at validation: each registered kind of data_prep.transform_kinds
     "data.augment": ("cub", "svhn", "svhn_shift", "svhn_crop", "digits", "none"),
     "data.on_corrupt": ("skip", "error"),
     "optim.name": ("sgd", "adamw"),
@@ -220,7 +223,8 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Reject impossible values and combinations with a message naming the key."""
-    for key, allowed in _CHOICES.items():
+    for key, choices in _CHOICES.items():
+        allowed = choices.names() if isinstance(choices, Registry) else choices
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
     m, t = cfg.model, cfg.train

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.data import DataError, Manifest, View, build_eval_loader, normalize
-from pipeline.metrics import PartHitSums, Sums, WindowSums, box_iou, sequence_correct, top1_correct
+from pipeline.metrics import PartHitSums, Sums, WindowSums
+from pipeline.tasks import meta_boxes, task_of  # noqa: F401 (meta_boxes: the coloc experiment, its benchmark and tests read it here)
 
-IOU_LOCALISED = 0.5  # colocalisation: a crop whose IoU with the object's box exceeds this localises it
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers (their forward would add bookkeeping, not math)."""
@@ -64,46 +63,19 @@ def part_points(metas: List[dict], num_parts: int):
     return torch.from_numpy(points), torch.from_numpy(visible)
 
 
-def meta_boxes(metas: List[dict]) -> torch.Tensor:
-    """(B, 4) [x0, y0, x1, y1] in [-1, 1] input coordinates of each sample's json bbox [x, y, w, h] (pixels)."""
-    boxes = np.zeros((len(metas), 4))
-    for i, meta in enumerate(metas):
-        if meta.get("bbox") is None:
-            raise DataError(f"shard {meta.get('shard')} key {meta.get('key')}: no json bbox to score the localisation against")
-        x, y, w, h = meta["bbox"]
-        boxes[i] = View(*meta["view"]).to_normalized([[x, y], [x + w, y + h]]).reshape(4)
-    return torch.from_numpy(boxes)
-
-
 class _Scorer:
     """Adds one batch at a time into sums for the task, the windows and the part hits."""
 
     def __init__(self, task: str, num_streams: int, part_names: List[str]):
-        self.task = task
-        keys = ["count", "skipped", "loss", "correct"] + {"sequence": ["digits", "digits_correct"],
-                                                          "colocalisation": ["iou"]}.get(task, [])
-        self.sums = Sums(keys)
+        self.task = task_of(task)
+        self.sums = Sums(["count", "skipped", "loss", "correct", *self.task.sum_keys])
         self.windows = WindowSums(num_streams) if num_streams else None
         self.parts = PartHitSums(num_streams, part_names) if num_streams and part_names else None
 
     def add_batch(self, logits: torch.Tensor, targets: torch.Tensor, boxes, metas) -> None:
-        logits = logits.float()
         self.sums.add("count", len(targets))
-        if self.task == "sequence":
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / targets.shape[1]
-            digits_ok, digits, seq_ok = sequence_correct(logits, targets)
-            self.sums.add("digits_correct", digits_ok)
-            self.sums.add("digits", digits)
-            self.sums.add("correct", seq_ok)
-        elif self.task == "colocalisation":  # the model's own loss per image; correct: crop IoU > 0.5 with the box
-            loss = logits.sum()
-            iou = box_iou(boxes[:, 0].double().cpu(), meta_boxes(metas))
-            self.sums.add("correct", (iou > IOU_LOCALISED).sum())
-            self.sums.add("iou", iou.sum())
-        else:
-            loss = F.cross_entropy(logits, targets, reduction="sum")
-            self.sums.add("correct", top1_correct(logits, targets))
-        self.sums.add("loss", loss)
+        for key, value in self.task.score(logits.float(), targets, boxes, metas).items():
+            self.sums.add(key, value)
         if self.windows is not None:
             self.windows.update(boxes)
         if self.parts is not None:
@@ -129,16 +101,7 @@ class _Scorer:
     def result(self) -> Dict[str, object]:
         v = self.sums.values
         n = max(v["count"], 1.0)
-        out: Dict[str, object] = {"loss": v["loss"] / n}
-        if self.task == "sequence":
-            out["digit_accuracy"] = v["digits_correct"] / max(v["digits"], 1.0)
-            out["sequence_accuracy"] = v["correct"] / n
-            out["sequence_error"] = 1.0 - out["sequence_accuracy"]
-        elif self.task == "colocalisation":
-            out["iou50"] = v["correct"] / n  # paper Table 5: the share of images localised
-            out["mean_iou"] = v["iou"] / n
-        else:
-            out["top1"] = v["correct"] / n
+        out: Dict[str, object] = {"loss": v["loss"] / n, **self.task.metrics(v, n)}
         if self.windows is not None:
             out["windows"] = self.windows.result()
         if self.parts is not None:

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.config import Config
 from pipeline.data.augment import effective_resize, eval_transform, train_augment
-from pipeline.data.decode import CorruptSample, classification_target, decode_image, sample_json, sequence_target
+from pipeline.data.decode import CorruptSample, decode_image, sample_json
 from pipeline.data.manifest import DataError, Manifest
+from pipeline.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,12 @@ class _Decode:
     """
 
     def __init__(self, cfg: Config, task: str, max_length: int, seeds: Optional[_Seeds] = None):
-        self.cfg, self.task, self.max_length = cfg, task, max_length
+        self.cfg, self.task, self.max_length = cfg, task_of(task), max_length
         self.seeds = seeds  # None: evaluation, the deterministic view; else training, augmented
         self.min_side = effective_resize(cfg)
 
     def _target(self, sample: Dict[str, Any], meta: Dict[str, Any]):
-        if self.task == "sequence":
-            return sequence_target(meta, self.max_length)
-        return classification_target(sample, meta)
+        return self.task.target(sample, meta, self.max_length)
 
     def _load(self, sample: Dict[str, Any], augment) -> Tuple[np.ndarray, Any, Dict[str, Any]]:
         meta = sample_json(sample)

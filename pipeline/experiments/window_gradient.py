@@ -58,7 +58,7 @@ def probe(checkpoint: Path, limit: int = 256, steps: Sequence[float] = STEPS) ->
 
     model, cfg, _ = load_model(checkpoint)
     st = getattr(model, "transformer", None)
-    if st is None or st.kind != "translation":
+    if st is None or not st.transform_kind.fixed_scale:  # the probe moves window centres
         raise ValueError(f"{checkpoint}: the probe needs an N x ST-CNN with translation windows "
                          f"(model.transform=translation)")
     images, targets, centres = _batch(cfg, limit)

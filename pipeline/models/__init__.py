@@ -5,8 +5,9 @@
 
 Each model module registers its factories with `@register_model`. Every model exposes
 `parameter_groups() -> {role: [params]}` (roles such as `localisation`, `streams`, `backbone`,
-`head`; each parameter in exactly one group) and a `task` attribute (`classification`: logits
-(B, num_classes); `sequence`: logits (B, 5, 11)). Attention models also expose `num_streams` and
+`head`; each parameter in exactly one group) and a `task` attribute, a task of `pipeline.tasks`
+(`classification`: logits (B, num_classes); `sequence`: logits (B, 5, 11); `colocalisation`: each
+image's own loss (B,)). Attention models also expose `num_streams` and
 `attend(x) -> {"theta", "boxes", "crops"}` for logging and pictures.
 """
 from __future__ import annotations

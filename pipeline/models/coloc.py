@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_prep.transform_kinds import TRANSFORM_KINDS, transform_kind, window_kinds
+
 from .digits import digits_cnn
 from .registry import register_model
 from .spatial_transformer import SpatialTransformer
@@ -98,10 +100,9 @@ class CoLocaliser(nn.Module):
         crops, theta = self.transformer(x)
         anchor = self.features(crops[:, 0])
         # r(I_n): the size of T(I_n)'s window, anywhere in the image; no gradient flows through its place
-        scale = theta[:, 0, 0].detach() if self.transformer.kind == "attention" else x.new_full((len(x),), self.transformer.scale)
-        windows = random_windows(scale)
-        windows = windows if self.transformer.kind == "attention" else windows[:, 1:]
-        random_crops = self.transformer.sample(x, windows[:, None])
+        kind = self.transformer.transform_kind
+        scale = kind.scale_of(theta[:, 0].detach(), self.transformer.scale)
+        random_crops = self.transformer.sample(x, kind.from_windows(random_windows(scale))[:, None])
         negative = self.features(random_crops[:, 0])
         return triplet_hinge(anchor, anchor.roll(1, 0), negative, self.margin)
 
@@ -139,8 +140,8 @@ def load_feature_cnn(path: Optional[str]) -> nn.Module:
 def digits_coloc_st(input_size: int = 84, crop_size: int = 28, transform: str = "attention",
                     feature_checkpoint: Optional[str] = None, margin: float = MARGIN, normalize_features: bool = True,
                     init_scale: Optional[float] = None) -> CoLocaliser:
-    if transform not in ("attention", "translation"):
-        raise ValueError(f"model.extra.transform={transform!r}: expected attention (scale + translation) or translation")
+    if transform not in TRANSFORM_KINDS or not transform_kind(transform).window:
+        raise ValueError(f"model.extra.transform={transform!r}: expected a window kind: {window_kinds()}")
     transformer = SpatialTransformer(localisation_net(input_size), 8, transform, crop_size, num_transforms=1,
                                      scale=init_scale or crop_size / input_size, bound="tanh_inside")
     return CoLocaliser(transformer, FeatureNet(load_feature_cnn(feature_checkpoint), normalize_features), margin)

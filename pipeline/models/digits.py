@@ -31,12 +31,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from data_prep.transform_kinds import TRANSFORM_KINDS
+
 from .registry import register_model
 from .spatial_transformer import SpatialTransformer
 
 TARGET_PARAMS = 400_000
-TRANSFORMS = ("affine", "projective", "tps")
 MIN_SIDE = 16  # the CNN's last feature map is at least 1x1 (with the padded first conv)
+
+
+def warp_kinds() -> List[str]:
+    """The transform kinds an ST-FCN / ST-CNN takes: those that warp the whole image (paper A.2), not windows."""
+    return [kind.name for kind in TRANSFORM_KINDS if not kind.window]
 
 
 class DigitsNet(nn.Module):
@@ -183,8 +189,8 @@ def _digits_model(backbone: str, input_size: int, num_classes: int, width: Optio
     if input_size < min_size:
         raise ValueError(f"input_size={input_size} is too small for digits_{'st_' if transform else ''}{backbone}"
                          f"{' with pool_after_st' if pool_after_st else ''}; expected at least {min_size}")
-    if transform is not None and transform not in TRANSFORMS:
-        raise ValueError(f"transform='{transform}' is not one of {', '.join(TRANSFORMS)}")
+    if transform is not None and transform not in warp_kinds():
+        raise ValueError(f"transform='{transform}' is not one of {', '.join(warp_kinds())}")
     if min(in_channels, num_transformers, loc_downscale) < 1:
         raise ValueError(f"in_channels={in_channels}, num_transformers={num_transformers} and "
                          f"loc_downscale={loc_downscale} must be at least 1")

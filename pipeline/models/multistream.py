@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_prep.transform_kinds import transform_kind
+
 from .registry import register_model
 from .localisation import MapLocalisation, TrunkLocalisation, create_timm
 from .spatial_transformer import SpatialTransformer, finite_difference_theta
@@ -57,7 +59,7 @@ class NxSTCNN(nn.Module):
                                  f"loc_backbone '{loc_backbone}'; set model.extra.loc_pretrained")
             loc_pretrained = pretrained
         if bound == "auto":  # keep window centres inside the image where the kind allows it
-            bound = "tanh" if transform in ("translation", "attention") and transform_scale < 1 else None
+            bound = "tanh" if transform_kind(transform).window and transform_scale < 1 else None
         # A fixed downscale so the localisation trunk sees about crop_size pixels (paper: 448 -> 224).
         downscale = max(1, round(input_size / crop_size)) if loc_downscale is None else int(loc_downscale)
         if downscale < 1:
@@ -65,7 +67,7 @@ class NxSTCNN(nn.Module):
         if loc_head not in ("linear", "softargmax"):
             raise ValueError(f"loc_head={loc_head!r} is not one of linear, softargmax")
         soft = loc_head == "softargmax"
-        if soft and transform != "translation":
+        if soft and not transform_kind(transform).fixed_scale:
             raise ValueError(f"loc_head='softargmax' predicts translation windows, not transform '{transform}'")
         if loc_features not in ("own", "stream"):
             raise ValueError(f"loc_features={loc_features!r} is not one of own, stream")

@@ -1,4 +1,4 @@
-"""Spatial-transformer core: sampling grids, `warp`, and the `SpatialTransformer` module.
+"""Spatial-transformer core: `warp` (from `data_prep.warp`, shared with the digit distortions), and the `SpatialTransformer` module.
 
     crops = warp(x, theta, "translation", 224, scale=0.5)           # (B, C, 224, 224)
     crops = warp_many(x, theta_bn, "translation", 224)                # (B, N, C, 224, 224)
@@ -6,7 +6,8 @@
 
 Coordinates are normalised to [-1, 1] as in `F.affine_grid(align_corners=False)`: (-1, -1) is
 the top-left corner of the image, x runs along the width. `theta` maps *output* coordinates to
-*input* coordinates (the sampling grid), for these kinds:
+*input* coordinates (the sampling grid), for these kinds (each one class in `data_prep.transform_kinds`,
+which owns its theta shape, identity and tiling start, grid, boxes and bound; the functions here ask it):
 
 | kind          | theta         | meaning                                                          |
 |---------------|---------------|------------------------------------------------------------------|
@@ -32,19 +33,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# the functional core (kinds, grids, warp) lives in data_prep.warp, which data-prep's digit distortions
-# use too; re-exported here, the models' home of it
-from data_prep.warp import (KINDS, Size, _bad_kind, _check_kind, _check_theta, _linspace, _pair,  # noqa: F401
-                            _work_dtype, base_grid, control_points, sampling_grid, theta_shape, theta_to_affine,
-                            tps_weights, warp, window_theta)
+from data_prep.transform_kinds import TRANSFORM_KINDS, bound_room, transform_kind, window_kinds
+
+from data_prep.warp import (Size, _linspace, _pair, _work_dtype, base_grid, control_points,  # noqa: F401 (this
+                            sampling_grid, tps_weights, warp)  # module's interface: the models' home of the warp)
+
+KINDS = TRANSFORM_KINDS.names()  # the built-in kinds (a kind registered later is in TRANSFORM_KINDS only)
 
 
 # ----------------------------------------------------------------------------- parameters
 
 def num_params(kind: str, num_control_points: int = 16) -> int:
     """Number of scalars in one transform's theta."""
-    return {"affine": 6, "attention": 3, "translation": 2, "projective": 9,
-            "tps": 2 * num_control_points}[_check_kind(kind)]
+    return transform_kind(kind).num_params(num_control_points)
+
+
+def theta_shape(kind: str, num_control_points: int = 16) -> Tuple[int, ...]:
+    """Shape of one transform's theta (without the batch dimension)."""
+    return transform_kind(kind).theta_shape(num_control_points)
 
 
 def identity_theta(kind: str, batch: int, K: int = 16, *, device=None,
@@ -55,9 +61,18 @@ def identity_theta(kind: str, batch: int, K: int = 16, *, device=None,
         batch, *theta_shape(kind, K)).clone()
 
 
-# ----------------------------------------------------------------------------- grids
+def window_theta(kind: str, windows: torch.Tensor, K: int = 16) -> torch.Tensor:
+    """Theta of each kind for axis-aligned square windows (..., 3) = (s, tx, ty).
 
-# ----------------------------------------------------------------------------- sampling
+    For `translation` the scale column is dropped (its scale is fixed by `warp(scale=)`).
+    """
+    return transform_kind(kind).from_windows(windows, K)
+
+
+def theta_to_affine(theta: torch.Tensor, kind: str, scale: float = 0.5) -> torch.Tensor:
+    """(..., 2, 3) affine matrix of an `affine`, `attention` or `translation` theta."""
+    return transform_kind(kind).to_affine(theta, scale)
+
 
 def warp_many(x: torch.Tensor, theta: torch.Tensor, kind: str, out_size: Size, *, scale: float = 0.5,
               align_corners: bool = False, padding_mode: str = "zeros",
@@ -89,30 +104,10 @@ def window_boxes(theta: torch.Tensor, kind: str, scale: float = 0.5) -> torch.Te
     Works for any leading shape of theta (e.g. (B, N, 3) -> (B, N, 4)). For `tps` the box is that of
     the warped border sampled at 33 points per side.
     """
-    lead = theta.shape[:theta.dim() - len(theta_shape(kind, theta.shape[-2] if kind == "tps" else 16))]
+    spec = transform_kind(kind)
+    lead = theta.shape[:theta.dim() - len(spec.theta_shape(spec.control_points_in(theta)))]
     flat = theta.reshape(-1, *theta.shape[len(lead):])
-    if kind in ("affine", "attention", "translation"):
-        matrix = theta_to_affine(flat, kind, scale)
-        centre = matrix[..., 2]
-        half = matrix[..., :2].abs().sum(-1)                    # the corners' largest offsets
-        boxes = torch.cat([centre - half, centre + half], -1)
-    else:
-        border = _square_border(33, flat.dtype, flat.device)
-        if kind == "projective":
-            homog = torch.cat([border, torch.ones_like(border[:, :1])], -1)
-            mapped = torch.einsum("pj,bij->bpi", homog, flat)
-            mapped = mapped[..., :2] / mapped[..., 2:]
-        else:
-            mapped = torch.einsum("pk,bkc->bpc", tps_weights(border, flat.shape[1]), flat)
-        boxes = torch.cat([mapped.amin(1), mapped.amax(1)], -1)
-    return boxes.reshape(*lead, 4)
-
-
-def _square_border(per_side: int, dtype, device) -> torch.Tensor:
-    t = torch.linspace(-1.0, 1.0, per_side, dtype=dtype, device=device)
-    one = torch.ones_like(t)
-    return torch.cat([torch.stack([t, -one], 1), torch.stack([t, one], 1),
-                      torch.stack([-one, t], 1), torch.stack([one, t], 1)])
+    return spec.boxes(flat, scale).reshape(*lead, 4)
 
 
 # ----------------------------------------------------------------------------- gradient estimate
@@ -254,20 +249,22 @@ class SpatialTransformer(nn.Module):
                  head: str = "linear", map_size: Optional[Tuple[int, int]] = None, spread: float = 1.0,
                  sharpness: float = 1.0):
         super().__init__()
-        _check_kind(kind)
+        spec = transform_kind(kind)
         if head not in ("linear", "softargmax"):
             raise ValueError(f"head={head!r} is not one of linear, softargmax")
-        if head == "softargmax" and (kind != "translation" or bound is not None or map_size is None):
-            raise ValueError("the softargmax head predicts translation windows from a feature map: it needs "
-                             f"kind='translation' (got '{kind}'), bound=None (got {bound!r}) and map_size")
+        if head == "softargmax" and (not spec.fixed_scale or bound is not None or map_size is None):
+            fixed = ", ".join(k.name for k in TRANSFORM_KINDS if k.fixed_scale)
+            raise ValueError("the softargmax head predicts window centres from a feature map: it needs "
+                             f"kind={fixed!r} (got '{kind}'), bound=None (got {bound!r}) and map_size")
         if bound not in (None, "tanh", "tanh_inside"):
             raise ValueError(f"bound={bound!r} is not one of None, 'tanh', 'tanh_inside'")
-        if bound and kind not in ("translation", "attention"):
-            raise ValueError(f"bound={bound!r} applies to translation and attention windows, not kind '{kind}'")
+        if bound and not spec.window:
+            raise ValueError(f"bound={bound!r} applies to {window_kinds()} windows, not kind '{kind}'")
         if bound and not 0.0 < scale < 1.0:
             raise ValueError(f"bound={bound!r} needs a window scale in (0, 1), got scale={scale}")
         self.localisation = localisation
         self.kind, self.out_size, self.scale, self.bound = kind, _pair(out_size), float(scale), bound
+        self.transform_kind = spec
         self.num_transforms, self.num_control_points = num_transforms, num_control_points
         self.align_corners, self.padding_mode = align_corners, padding_mode
         self.head_kind = head
@@ -275,12 +272,9 @@ class SpatialTransformer(nn.Module):
             self.head = SoftArgmaxHead(features, map_size, num_transforms, scale, spread, sharpness)
         else:
             self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
-        # The TPS map of this fixed output grid, solved once; not saved in checkpoints.
-        basis = None
-        if kind == "tps":
-            points = base_grid(self.out_size, align_corners=align_corners, dtype=torch.float64).reshape(-1, 2)
-            basis = tps_weights(points, num_control_points).float()
-        self.register_buffer("tps_basis", basis, persistent=False)
+        # What the kind precomputes for this fixed output grid (tps: its map, solved once); not saved in checkpoints.
+        points = base_grid(self.out_size, align_corners=align_corners, dtype=torch.float64).reshape(-1, 2)
+        self.register_buffer("tps_basis", spec.sampling_basis(points, num_control_points), persistent=False)
         if head == "linear":
             nn.init.zeros_(self.head.weight)
             with torch.no_grad():
@@ -298,11 +292,7 @@ class SpatialTransformer(nn.Module):
         image's edge) under the tanh bound, 1 - scale (the window inside the image) for the soft-argmax."""
         if self.head_kind == "softargmax":
             return 1.0 - self.scale
-        return self._room() if self.bound and self.kind == "translation" else None
-
-    def _room(self) -> float:
-        """How far the tanh bound lets a window's centre go: 1 (tanh), 1 - s for a window of side s (tanh_inside)."""
-        return 1.0 if self.bound == "tanh" else 1.0 - self.scale
+        return bound_room(self.bound, self.scale) if self.bound and self.transform_kind.fixed_scale else None
 
     def predict(self, loc_input: torch.Tensor) -> torch.Tensor:
         """Transform parameters (B, N, *theta_shape) from the localisation input."""
@@ -331,22 +321,14 @@ class SpatialTransformer(nn.Module):
         return window_boxes(theta, self.kind, self.scale)
 
     def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.bound and self.kind == "translation":
-            raw = self._room() * torch.tanh(raw)
-        elif self.bound:  # attention: s in (0, 1), centre inside the image (tanh_inside: the window inside)
-            s = torch.sigmoid(raw[..., :1])
-            raw = torch.cat([s, (1.0 - s if self.bound == "tanh_inside" else 1.0) * torch.tanh(raw[..., 1:])], -1)
-        return raw.reshape(*raw.shape[:2], *theta_shape(self.kind, self.num_control_points))
+        if self.bound:
+            raw = self.transform_kind.bounded(raw, self.bound, self.scale)
+        return raw.reshape(*raw.shape[:2], *self.transform_kind.theta_shape(self.num_control_points))
 
     def _raw_from_windows(self, windows: torch.Tensor) -> torch.Tensor:
-        s, centre = windows[:, :1], windows[:, 1:]
-        if self.bound and self.kind == "translation":
-            return torch.atanh(centre / self._room())
         if self.bound:
-            room = 1.0 - s if self.bound == "tanh_inside" else 1.0
-            return torch.cat([torch.logit(s), torch.atanh(centre / room)], 1)
-        return window_theta(self.kind, windows, self.num_control_points).reshape(len(windows), -1)
+            return self.transform_kind.raw_from_windows(windows, self.bound, self.scale)
+        return self.transform_kind.from_windows(windows, self.num_control_points).reshape(len(windows), -1)
 
 
 # ----------------------------------------------------------------------------- helpers
-

@@ -15,13 +15,11 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import Config
+from pipeline.tasks import task_of
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import DistEnv
 from pipeline.train.signals import blocked_in_new_workers
 from pipeline.train.viz import attention_picture
-
-# The metric whose increase makes a checkpoint the best one, per task.
-BEST_METRIC = {"classification": "top1", "sequence": "sequence_accuracy", "colocalisation": "iou50"}
 
 
 class Evaluator:
@@ -31,7 +29,7 @@ class Evaluator:
         self.cfg, self.env, self.manifest = cfg, env, manifest
         self.every, self.split = cfg.train.eval_every, split or cfg.data.eval_split
         self.max_samples = max_samples
-        self.metric_name = BEST_METRIC[task]
+        self.metric_name = task_of(task).best_metric
         self.best: Optional[float] = None
         self.metrics: Optional[Dict[str, Any]] = None
         self.picture: Optional[Path] = None  # drawn by the latest evaluation, not yet shown in TensorBoard
@@ -89,7 +87,7 @@ class Evaluator:
             x = normalize(images.to(self.env.device), d.mean, d.std, memory_format == torch.channels_last)
             out = model.attend(x)
             captions = None
-            if getattr(model, "task", "classification") == "classification":
+            if task_of(getattr(model, "task", "classification")).classifies:
                 predicted = model(x).argmax(-1).cpu()
                 captions = [f"true: {self.class_name(t)}\npred: {self.class_name(p)}"
                             for t, p in zip(targets.tolist(), predicted.tolist())]

@@ -31,7 +31,6 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -40,6 +39,7 @@ from pipeline.data.manifest import DataError
 from pipeline.models import build_model
 from pipeline.models.normalisation import describe as describe_normalisation, follow_checkpoint, resolve_normalisation
 from pipeline.precision import autocast, resolve_precision
+from pipeline.tasks import task_of
 import pipeline.train.checkpoint as ckpt
 from pipeline.train.distributed import DistEnv, any_rank, barrier
 from pipeline.train.monitor import Monitor, Window
@@ -61,11 +61,8 @@ def stream_seed(seed: int, step: int) -> int:
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str = "classification") -> torch.Tensor:
-    """Mean cross-entropy; sequence logits (B, L, C) against targets (B, L) count every position.
-    colocalisation: the model returns each image's own loss (B,) (its triplet hinge, no targets): their mean."""
-    if task == "colocalisation":
-        return logits.float().mean()
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+    """The batch mean of the task's loss (pipeline.tasks)."""
+    return task_of(task).loss(logits, targets)
 
 
 def sync_batchnorm(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
