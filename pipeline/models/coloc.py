@@ -124,15 +124,15 @@ def load_feature_cnn(path: Optional[str]) -> nn.Module:
     if path == "random":
         return digits_cnn(input_size=28)
     from pipeline.config import from_dict
-    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.checkpoint import load_weights, read
 
-    checkpoint = ckpt.read(path)
+    checkpoint = read(path)
     cfg = from_dict(checkpoint.config, str(path)).model
     if cfg.name != "digits_cnn" or cfg.input_size != 28:
         raise ValueError(f"model.extra.feature_checkpoint={path} holds model {cfg.name} at {cfg.input_size} px; "
                          "expected digits_cnn at 28 px")
     cnn = digits_cnn(input_size=cfg.input_size, num_classes=cfg.num_classes, **cfg.extra)
-    ckpt.load_weights(cnn, checkpoint.model, path, cfg.name)
+    load_weights(cnn, checkpoint.model, path, cfg.name)
     return cnn
 
 
