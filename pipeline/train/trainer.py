@@ -102,7 +102,7 @@ class Trainer:
         self.manifest.check_model(self.task, self.cfg.model.num_classes)  # labels fit the classifier
         self.evaluator = Evaluator(self.cfg, self.env, self.manifest, None, self.task)
         self.restore_or_start()
-        self.monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.step)
+        self.monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.step, self.cfg)
         self.evaluator.monitor = self.monitor
         self.log_setup()
         stream = self.train_stream()
@@ -135,7 +135,7 @@ class Trainer:
                         window.reset()  # rates measure training, not evaluations and checkpoints
         finally:
             stream.close()
-            self.monitor.close()
+            self.monitor.close(best={self.evaluator.metric_name: self.evaluator.best})
         return self.summary()
 
     # ------------------------------------------------------------------ setup
