@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.train import main
 from pipeline.train.monitor import Monitor
+from pipeline.train.signals import Preempted
 from shard_fixtures import write_tiny_cub_shards
 from test_train_helpers import explain, run_cli, tiny_run
 
@@ -182,6 +183,17 @@ def test_a_missing_tracker_package_is_one_line_naming_the_key_and_the_extra(tmp_
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_wandb_online_without_an_api_key_is_one_line_saying_how_to_log_in_or_go_offline(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings: never logged in
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    cfg = load_config(None, ["train.report_to=wandb", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"train.report_to includes wandb, but W&B refused to start: .*API key.*"
+                                          r"WANDB_MODE=offline and wandb sync later"):
+        Monitor(tmp_path / "run", True, 10, 0, cfg)
+
+
 def test_report_to_parses_lists_and_comma_strings_and_names_the_choices_on_a_typo(tmp_path, capsys):
     assert load_config(None, []).train.report_to == ["tensorboard"]
     assert load_config(None, ["train.report_to=tensorboard, mlflow"]).train.report_to == ["tensorboard", "mlflow"]
@@ -205,3 +217,36 @@ def test_report_to_none_keeps_metrics_jsonl_only(tmp_path):
     monitor.close(best={"top1": None})
     assert monitor.trackers == [] and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 0.5
+
+
+@pytest.mark.parametrize("error, status", [(None, "FINISHED"), (RuntimeError("NaN"), "FAILED"),
+                                           (Preempted(3, "SIGTERM", None), "KILLED")])
+def test_how_a_run_ends_is_its_status_in_mlflow_and_its_exit_code_in_wandb(tmp_path, monkeypatch, error, status):
+    """Monitor.close() runs in fit()'s `finally`: the exception on its way out decides the status."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, ["train.report_to=mlflow,wandb", f"train.mlflow_uri={tmp_path / 'mlruns'}",
+                             f"run.dir={run_dir}"])
+    monitor = Monitor(run_dir, True, 10, 0, cfg)
+    monitor.record(3, "train", {"loss": 0.5, "lr": 0.1, "lr/head": 0.1})
+    try:
+        try:
+            if error is not None:
+                raise error
+        finally:
+            monitor.close(best={"top1": 0.25})
+    except type(error or RuntimeError):
+        pass
+    from mlflow import MlflowClient
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    run = MlflowClient((tmp_path / "mlruns").as_uri()).get_run(ids["mlflow"])
+    assert run.info.status == status and run.data.metrics == {"train/loss": 0.5, "train/lr": 0.1,
+                                                               "train/lr.head": 0.1, "best/top1": 0.25}
+    (log,) = tmp_path.glob(f"wandb/offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb")
+    wandb_run = read_wandb_run(log)
+    assert wandb_run["exit"] == (0 if status == "FINISHED" else 1) and wandb_run["summary"]["best/top1"] == 0.25
+    assert wandb_run["history"][3]["train/lr/head"] == 0.1

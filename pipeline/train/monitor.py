@@ -78,9 +78,9 @@ class Monitor:
         run_dir.mkdir(parents=True, exist_ok=True)
         if start_step:
             drop_lines_after(run_dir / "metrics.jsonl", start_step)
+        self.trackers = start_trackers(cfg or Config(), run_dir, start_step)  # first: they may refuse to start
         # A fresh start begins a new file; a resumed run continues the old one.
         self.jsonl = open(run_dir / "metrics.jsonl", "a" if start_step else "w", buffering=1)
-        self.trackers = start_trackers(cfg or Config(), run_dir, start_step)
         # A bar only on a terminal; batch jobs get plain log lines every train.log_every steps.
         self.interactive = sys.stderr.isatty()
         if self.interactive:

@@ -49,10 +49,19 @@ def start_trackers(cfg: Config, run_dir: Path, start_step: int) -> List[Any]:
     ids_path = run_dir / IDS_FILE
     ids = json.loads(ids_path.read_text()) if start_step and ids_path.is_file() else {}
     names = [name for name in dict.fromkeys(cfg.train.report_to) if name in TRACKERS]  # in order, once each
-    trackers = [TRACKERS[name](cfg, run_dir, start_step, ids.get(name)) for name in names]
+    trackers = []
+    try:
+        for name in names:
+            trackers.append(TRACKERS[name](cfg, run_dir, start_step, ids.get(name)))
+    except BaseException:  # e.g. W&B not logged in: the runs already started end as failed, not running
+        for tracker in trackers:
+            tracker.close("FAILED", {}, start_step)
+        raise
     ids.update({name: t.run_id for name, t in zip(names, trackers) if t.run_id})
     if ids:
         write_json_atomic(ids_path, ids, durable=False)
+    else:  # a fresh start without MLflow / W&B: a later resume must not continue an earlier run's
+        ids_path.unlink(missing_ok=True)
     return trackers
 
 
@@ -184,11 +193,16 @@ class Wandb:
     def __init__(self, cfg: Config, run_dir: Path, start_step: int, run_id: Optional[str]):
         import wandb
         self.wandb = wandb
-        self.run = wandb.init(
-            project=cfg.train.experiment or os.environ.get("WANDB_PROJECT") or DEFAULT_EXPERIMENT,
-            entity=cfg.train.wandb_entity or os.environ.get("WANDB_ENTITY"), name=run_name(cfg),
-            id=run_id, resume="allow" if run_id else None,
-            dir=None if os.environ.get("WANDB_DIR") else str(run_dir))
+        try:
+            self.run = wandb.init(
+                project=cfg.train.experiment or os.environ.get("WANDB_PROJECT") or DEFAULT_EXPERIMENT,
+                entity=cfg.train.wandb_entity or os.environ.get("WANDB_ENTITY"), name=run_name(cfg),
+                id=run_id, resume="allow" if run_id else None,
+                # Read here, not left to wandb: it keeps the first run's settings for the whole process.
+                mode=os.environ.get("WANDB_MODE"), dir=os.environ.get("WANDB_DIR") or str(run_dir))
+        except wandb.errors.UsageError as err:  # no API key: the run has not started anything yet
+            raise ConfigError(f"train.report_to includes wandb, but W&B refused to start: {str(err).splitlines()[0]} "
+                              "(wandb login, or WANDB_API_KEY; or WANDB_MODE=offline and wandb sync later)") from None
         # allow_val_change: a resumed attempt's config may differ (train.resume, a longer train.max_steps).
         self.run.config.update(to_dict(cfg), allow_val_change=True)
         self.run_id = self.run.id
