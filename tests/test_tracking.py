@@ -102,6 +102,23 @@ def test_mlflow_file_store_gets_params_metrics_pictures_best_and_the_resumed_run
         [f"attention/step_{step:07d}.png" for step in (2, 4, 6)]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_report_one_mlflow_run_from_rank_0(shards, tmp_path, monkeypatch, mlflow_client):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    store, run_dir = tmp_path / "mlruns", tmp_path / "run"
+    result = run_cli(tiny_run(shards, run_dir, "train.max_steps=2", "train.eval_every=2", "train.report_to=mlflow",
+                              f"train.mlflow_uri={store}"), nproc=2)
+    assert result.returncode == 0, explain(result)
+    client = mlflow_client(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("stn-pipeline").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"  # the run directory's name
+    assert run.data.params["train.global_batch_size"] == "4"
+    losses = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses == logged(run_dir / "metrics.jsonl", "train", "loss") and len(losses) == 2  # once per step
+    assert client.get_metric_history(run.info.run_id, "setup/world_size")[0].value == 2
+
+
 # --- W&B's offline transaction log (run-<id>.wandb): a LevelDB-style log of protobuf Records.
 WANDB_HEADER, BLOCK, CHUNK_HEADER = 7, 32768, 7  # ":W&B" + magic + version; 32 KiB blocks; crc, length, type
 FULL, LAST = 1, 4  # chunk types that end a record (FIRST = 2 and MIDDLE = 3 continue one)
