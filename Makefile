@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,tune]'
+	$(PY) -m pip install -q -e '.[dev,tune,track]'
 	touch $@
 
 test: $(STAMP)

@@ -108,6 +108,12 @@ class TrainConfig:
     num_viz: int = 8                       # validation images drawn with their attention windows
     eval_max_samples: Optional[int] = None # cap for quick evaluations during training; null = whole split
     device: str = "auto"                   # auto | cpu | cuda
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard | mlflow | wandb,
+                                           # or none; comma-separated on the command line (docs/tracking.md)
+    mlflow_uri: Optional[str] = None       # MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else file:./mlruns
+    experiment: Optional[str] = None       # MLflow experiment and W&B project; null = $MLFLOW_EXPERIMENT_NAME /
+                                           # $WANDB_PROJECT, else stn-pipeline
+    wandb_entity: Optional[str] = None     # W&B user or team; null = $WANDB_ENTITY, else your default entity
 
 
 @dataclass
@@ -163,8 +169,17 @@ def _parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
     return nested
 
 
+def _split_report_to(values: Dict[str, Any]) -> None:
+    """train.report_to given as one string (`mlflow` or `tensorboard,mlflow`, as the command line
+    gives it) -> the list the schema holds."""
+    train = values.get("train")
+    if isinstance(train, dict) and isinstance(train.get("report_to"), str):
+        train["report_to"] = [name.strip() for name in train["report_to"].split(",") if name.strip()]
+
+
 def _merge(base: Config, values: Dict[str, Any], source: str) -> Config:
     _check_keys(values, Config, "", source)
+    _split_report_to(values)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.create(values))
         return OmegaConf.to_object(merged)
@@ -212,6 +227,9 @@ _CHOICES = {
 
 DIGIT_DISTORTIONS = ("R", "RTS", "P", "E", "TC")  # data_prep.distortions (not imported: configs load torch-free)
 
+# Experiment trackers of train.report_to (pipeline/train/tracking.py); `none`: metrics.jsonl only.
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
 # torch.compile's modes (null: its default, the quickest to compile).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -249,6 +267,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             raise ConfigError(f"train.compile_mode={t.compile_mode!r} is not one of null, {', '.join(COMPILE_MODES)}")
         if not t.compile:
             raise ConfigError(f"train.compile_mode={t.compile_mode!r} needs train.compile=true")
+    _check_report_to(t.report_to)
     if t.micro_batch_size is not None and t.micro_batch_size <= 0:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be positive")
     for role, scale in cfg.optim.lr_scale.items():
@@ -277,6 +296,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     if world_size is not None:
         per_rank_batch(cfg, world_size)
     return cfg
+
+
+def _check_report_to(report_to: List[str]) -> None:
+    for name in report_to:
+        if name not in (*TRACKERS, "none"):
+            raise ConfigError(f"train.report_to: {name!r} is not one of {', '.join(TRACKERS)}, none "
+                              "(a list, or comma-separated: train.report_to=tensorboard,mlflow)")
+    if "none" in report_to and len(report_to) > 1:
+        raise ConfigError(f"train.report_to={','.join(report_to)}: 'none' cannot be combined with a tracker")
 
 
 def per_rank_batch(cfg: Config, world_size: int) -> tuple[int, int]:

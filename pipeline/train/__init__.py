@@ -43,6 +43,8 @@ def run(cfg: Config, on_eval: Optional[Callable[[int, Dict[str, Any], Optional[P
     evaluation with the all-reduced metrics. Raises Preempted after a stop signal's checkpoint,
     NonFiniteLoss on a NaN/inf loss, ConfigError / ValueError on bad input.
     """
+    from pipeline.train.tracking import check_installed
+    check_installed(cfg.train.report_to)  # a missing tracker package fails before the process group forms
     from pipeline.train.distributed import planned_world_size, setup, teardown
     from pipeline.train.trainer import Trainer
 

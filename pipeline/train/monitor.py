@@ -1,4 +1,5 @@
-"""Watching a run: metrics.jsonl, TensorBoard and the rank-0 progress bar / log lines.
+"""Watching a run: metrics.jsonl, the trackers of train.report_to (TensorBoard by default; MLflow,
+W&B: pipeline/train/tracking.py) and the rank-0 progress bar / log lines.
 
 Only rank 0 writes; other ranks get a `Monitor` that does nothing, so callers never branch.
 `metrics.jsonl` holds one JSON object per line: {"step", "split", "time", <values>...}; split
@@ -12,12 +13,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from tqdm import tqdm
 
 from data_prep.contract import write_text_atomic
+from pipeline.config import Config
 from pipeline.metrics import flatten
+from pipeline.train.tracking import run_status, start_trackers
 
 log = logging.getLogger("pipeline.train")
 
@@ -62,22 +65,22 @@ class Window:
 
 
 class Monitor:
-    """metrics.jsonl + TensorBoard + tqdm on rank 0; a no-op elsewhere."""
+    """metrics.jsonl + the trackers of `cfg.train.report_to` + tqdm on rank 0; a no-op elsewhere."""
 
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int):
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, start_step: int, cfg: Optional[Config] = None):
         self.enabled = enabled
         self.bar = None
-        self.writer = None
+        self.trackers = []
         self.jsonl = None
+        self.last_step = start_step
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if start_step:
             drop_lines_after(run_dir / "metrics.jsonl", start_step)
+        self.trackers = start_trackers(cfg or Config(), run_dir, start_step)  # first: they may refuse to start
         # A fresh start begins a new file; a resumed run continues the old one.
         self.jsonl = open(run_dir / "metrics.jsonl", "a" if start_step else "w", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only on rank 0
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
         # A bar only on a terminal; batch jobs get plain log lines every train.log_every steps.
         self.interactive = sys.stderr.isatty()
         if self.interactive:
@@ -88,9 +91,11 @@ class Monitor:
             return
         line = {"step": step, "split": split, "time": round(time.time(), 3), **values}
         self.jsonl.write(json.dumps(line, default=str) + "\n")
-        for key, value in flatten(values).items():  # nested metrics (windows/...) as scalars
-            if math.isfinite(value):
-                self.writer.add_scalar(f"{split}/{key}", value, step)
+        self.last_step = step
+        # nested metrics (windows/...) as scalars
+        scalars = {f"{split}/{key}": value for key, value in flatten(values).items() if math.isfinite(value)}
+        for tracker in self.trackers:
+            tracker.log_metrics(scalars, step)
 
     def advance(self, step: int) -> None:
         if self.bar is not None:
@@ -118,15 +123,18 @@ class Monitor:
             log.info(text)
 
     def add_image(self, tag: str, path: Path, step: int) -> None:
-        if self.enabled:
-            import numpy as np
-            from PIL import Image
-            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        for tracker in self.trackers:
+            tracker.log_image(tag, path, step)
 
-    def close(self) -> None:
+    def close(self, best: Optional[Dict[str, Optional[float]]] = None) -> None:
+        """Called from fit()'s `finally`: an exception on its way out marks the trackers' run as
+        failed (killed, for a stop signal). `best`: {metric name: best value}, reported as best/<name>."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
+        status = run_status(sys.exc_info()[1])
+        best = {f"best/{name}": value for name, value in (best or {}).items() if value is not None}
+        for tracker in self.trackers:
+            tracker.close(status, best, self.last_step)
         self.jsonl.close()

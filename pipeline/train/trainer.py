@@ -220,7 +220,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         t = self.cfg.train
         self.restore_or_start()
-        monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.progress.step)
+        monitor = Monitor(self.run_dir, self.env.is_main, t.max_steps, self.progress.step, self.cfg)
         self.log_setup(monitor)
         stream = self.train_stream()
         window = Window(t.global_batch_size)
@@ -251,7 +251,7 @@ class Trainer:
                         window.reset()  # rates measure training, not evaluations and checkpoints
         finally:
             stream.close()
-            monitor.close()
+            monitor.close(best={self.evaluator.metric_name: self.evaluator.best})
         return self.summary()
 
     # ------------------------------------------------------------------ setup
