@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from pipeline.config import Config
 from pipeline.tasks import task_of
-from pipeline.train import checkpoint as ckpt
+from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.distributed import DistEnv
 from pipeline.train.signals import blocked_in_new_workers
 from pipeline.train.viz import attention_picture
@@ -66,7 +66,7 @@ class Evaluator:
         model.eval()
         # Evaluation must not move the training RNGs (loaders draw seeds from them): a resumed run
         # evaluates (and loads picture images) at other moments than an uninterrupted one.
-        rngs = ckpt.rng_state()
+        rngs = rng_state()
         try:
             with blocked_in_new_workers():
                 metrics = self.score(model)
@@ -74,7 +74,7 @@ class Evaluator:
                 self.picture = self.draw_attention(model, step, memory_format)
         finally:
             model.train()
-            ckpt.set_rng_state(rngs)
+            set_rng_state(rngs)
         return metrics
 
     def draw_attention(self, model: nn.Module, step: int, memory_format=torch.contiguous_format) -> Path:
