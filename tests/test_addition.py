@@ -161,6 +161,7 @@ def test_runner_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert "| 2xST-FCN |" in table and "| FCN |" in table and "transformer" in table
     result = json.loads((out / "addition_mnist.json").read_text())
     assert result["seeds"] == 1 and set(result["errors"]) == {"fcn", "cnn", "st-fcn", "2xst-fcn"}
+    assert result["steps"] == 4 and result["batch_size"] == 16
     assert all(0 <= e["mean"] <= 100 and e["std"] == 0.0 for e in result["errors"].values())
     share = np.array(result["channel_share"])
     assert share.shape == (2, 2) and np.allclose(share.sum(1), 1.0) and (share >= 0).all()

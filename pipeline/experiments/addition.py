@@ -366,7 +366,8 @@ def write_report(profile: AdditionProfile, records: List[Dict], stats: Dict, bou
                  + transformer_table(stats))
     table_path = out / "table.md"
     table_path.write_text(text + "\n")
-    summary = summary_json(records, stats, profile.seeds, bound)
+    summary = {**summary_json(records, stats, profile.seeds, bound), "steps": profile.steps,
+               "batch_size": profile.batch_size}  # the budget the errors belong to
     (out / "addition_mnist.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.json").write_text(json.dumps({"profile": asdict(profile), "wall_s": wall, "runs": records},
                                                  indent=1, default=str))
