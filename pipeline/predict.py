@@ -73,9 +73,10 @@ def predict(model, cfg, checkpoint, paths: Sequence[Path], top_k: int = 5,
     import torch
 
     from pipeline.data import normalize
-    from pipeline.metrics import PAD_DIGIT
+    from pipeline.tasks import task_of
 
     names = class_names(checkpoint, cfg)
+    task = task_of(getattr(model, "task", "classification"))
     streams = int(getattr(model, "num_streams", 0) or 0) if hasattr(model, "attend") else 0
     model.to(device)
     for path in paths:
@@ -85,15 +86,7 @@ def predict(model, cfg, checkpoint, paths: Sequence[Path], top_k: int = 5,
             logits = model(x).float()
             attention = model.attend(x) if streams else None
         record: Dict[str, Any] = {"image": str(path), "size": list(size)}
-        if logits.dim() == 3:  # sequence: (1, positions, digit classes), PAD_DIGIT ends the number
-            digits = logits[0].argmax(-1).tolist()
-            digits = digits[:digits.index(PAD_DIGIT)] if PAD_DIGIT in digits else digits
-            record |= {"digits": digits, "number": "".join(map(str, digits))}
-        else:
-            probs = logits[0].softmax(-1)
-            top = probs.topk(min(top_k, len(probs)))
-            record["top"] = [{"class": names[i] if names and i < len(names) else str(i), "index": i,
-                              "prob": round(float(p), 4)} for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        record |= task.prediction(logits[0], names or [], top_k)
         if attention is not None:
             record["windows"] = [original_box(box, view) for box in attention["boxes"][0].float().cpu().tolist()]
             if draw is not None:

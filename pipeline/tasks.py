@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.registry import Registry
 from pipeline.data.augment import View
 from pipeline.data.decode import classification_target, sequence_target
 from pipeline.data.manifest import DataError
-from pipeline.metrics import box_iou, sequence_correct, top1_correct
-from data_prep.registry import Registry
+from pipeline.metrics import PAD_DIGIT, box_iou, sequence_correct, top1_correct
 
 
 class Task:
@@ -48,6 +48,10 @@ class Task:
     def metrics(self, sums: Dict[str, float], count: float) -> Dict[str, float]:
         """The task's metrics from the summed values over `count` samples (at least 1)."""
         raise NotImplementedError
+
+    def prediction(self, output: torch.Tensor, names: List[str], top_k: int) -> Dict[str, Any]:
+        """What `python -m pipeline.predict` reports of one image's output (`names`: the class names)."""
+        raise ValueError(f"task {self.name}: its models' outputs are not predictions")
 
 
 TASKS: Registry[Task] = Registry("task")
@@ -83,6 +87,12 @@ class Classification(_CrossEntropy):
     def metrics(self, sums, count):
         return {"top1": sums["correct"] / count}
 
+    def prediction(self, output, names, top_k):
+        probs = output.float().softmax(-1)
+        top = probs.topk(min(top_k, len(probs)))
+        return {"top": [{"class": names[i] if i < len(names) else str(i), "index": i, "prob": round(float(p), 4)}
+                        for p, i in zip(top.values.tolist(), top.indices.tolist())]}
+
 
 @TASKS.register
 class Sequence(_CrossEntropy):
@@ -104,6 +114,11 @@ class Sequence(_CrossEntropy):
         accuracy = sums["correct"] / count
         return {"digit_accuracy": sums["digits_correct"] / max(sums["digits"], 1.0),
                 "sequence_accuracy": accuracy, "sequence_error": 1.0 - accuracy}
+
+    def prediction(self, output, names, top_k):
+        digits = output.argmax(-1).tolist()  # (positions, digit classes): PAD_DIGIT ends the number
+        digits = digits[:digits.index(PAD_DIGIT)] if PAD_DIGIT in digits else digits
+        return {"digits": digits, "number": "".join(map(str, digits))}
 
 
 @TASKS.register

@@ -80,3 +80,21 @@ def test_a_new_task_is_one_class_end_to_end(top_two):
     assert result["top2"] == pytest.approx(2 / 3) and scorer.sums.values["seen"] == 3
     assert result["loss"] == pytest.approx(F.cross_entropy(logits, targets).item())
     assert top_two.best_metric in result
+
+
+def test_each_task_says_what_predict_reports_of_one_output():
+
+    from pipeline.metrics import PAD_DIGIT
+
+    logits = torch.tensor([0.1, 3.0, 2.0, -1.0])
+    top = task_of("classification").prediction(logits, ["a", "b", "c"], top_k=2)["top"]
+    assert [t["class"] for t in top] == ["b", "c"] and [t["index"] for t in top] == [1, 2]
+    assert top[0]["prob"] == round(float(logits.softmax(-1)[1]), 4)
+    unnamed = task_of("classification").prediction(logits, ["a"], top_k=4)["top"]  # more classes than names
+    assert [t["class"] for t in unnamed] == ["1", "2", "a", "3"]
+    positions = torch.full((4, 11), -5.0)
+    for position, digit in enumerate([4, 2, PAD_DIGIT, 7]):  # PAD_DIGIT ends the number
+        positions[position, digit] = 5.0
+    assert task_of("sequence").prediction(positions, [], top_k=5) == {"digits": [4, 2], "number": "42"}
+    with pytest.raises(ValueError, match="colocalisation"):
+        task_of("colocalisation").prediction(logits, [], top_k=5)
