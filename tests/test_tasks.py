@@ -83,7 +83,6 @@ def test_a_new_task_is_one_class_end_to_end(top_two):
 
 
 def test_each_task_says_what_predict_reports_of_one_output():
-
     from pipeline.metrics import PAD_DIGIT
 
     logits = torch.tensor([0.1, 3.0, 2.0, -1.0])
