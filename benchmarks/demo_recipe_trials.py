@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--loc-stride", type=int, default=None, help="model.extra.loc_stride")
     p.add_argument("--fd-objective", default="loss", help="model.extra.fd_objective: loss | margin")
     p.add_argument("--fd-step", type=float, default=0.0, help="finite-difference window gradient (0: backprop)")
+    p.add_argument("--crop", type=int, default=None, help="window side in px (default: half the image, scale 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", help="write the trained model's state dict here")
     p.add_argument("--cache", default="runs/demo_recipe_trials")
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     data = dataset(args)
     torch.manual_seed(args.seed)
-    kw = dict(backbone=args.backbone, input_size=args.size, crop_size=args.size // 2, num_classes=args.classes,
+    kw = dict(backbone=args.backbone, input_size=args.size, crop_size=args.crop or args.size // 2, num_classes=args.classes,
               dropout=0.2)
     if args.oracle_crop:
         model = create_model("nxst_cnn", num_streams=0, **{**kw, "input_size": args.size // 2})
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
             extra.update(loc_stride=args.loc_stride)
         if args.fd_step:
             extra.update(window_gradient="finite_difference", fd_step=args.fd_step, fd_objective=args.fd_objective)
+        if args.crop:  # the window covers `crop` px of the image, sampled at full resolution
+            extra.update(transform_scale=args.crop / args.size)
         model = create_model("nxst_cnn", num_streams=2, **kw, **extra)
     groups = [{"params": ps, "role": role, "base": args.lr * (args.loc_scale if role == "localisation" else 1.0)}
               for role, ps in model.parameter_groups().items()]
