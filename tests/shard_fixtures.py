@@ -139,6 +139,19 @@ def tiny_config(*overrides: str):
                               *overrides])
 
 
+def train_tiny_two_stream_run(root: Path, *overrides: str) -> Path:
+    """Train a 2-step 2-stream N x ST-CNN on tiny CUB shards written under `root` (with parts);
+    returns the data root. Its checkpoints are in root/run/checkpoints (last.pt, best.pt)."""
+    from pipeline.train import run
+
+    data = write_tiny_cub_shards(root / "data")
+    run(tiny_config(f"data.root={data}", f"run.dir={root / 'run'}", "model.name=nxst_cnn",
+                    "model.backbone=test_resnet", "model.num_streams=2", "model.input_size=64", "model.crop_size=32",
+                    "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.device=cpu",
+                    *overrides))
+    return data
+
+
 def write_tiny_svhn_shards(out_dir, train_samples: int = 12, test_samples: int = 6, size: int = 64,
                            shards_per_split: int = 2, max_length: int = 5, seed: int = 0) -> Path:
     """Write SVHN-contract shards (png + json {digits, length, boxes, size}) + manifest.json."""

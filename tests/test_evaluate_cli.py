@@ -10,21 +10,14 @@ import pytest
 import torch
 
 from conftest import REPO
-from shard_fixtures import tiny_config, write_tiny_cub_shards
+from shard_fixtures import train_tiny_two_stream_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(last.pt of a 2-step N x ST-CNN run with 2 streams on tiny CUB shards with parts, its data root)."""
-    from pipeline.train import run
-
     root = tmp_path_factory.mktemp("evaluate")
-    data = write_tiny_cub_shards(root / "data")
-    cfg = tiny_config(f"data.root={data}", f"run.dir={root / 'run'}", "model.name=nxst_cnn",
-                      "model.backbone=test_resnet", "model.num_streams=2", "model.input_size=64", "model.crop_size=32",
-                      "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.device=cpu",
-                      "train.num_viz=0")
-    run(cfg)
+    data = train_tiny_two_stream_run(root, "train.num_viz=0")
     return root / "run" / "checkpoints" / "last.pt", data
 
 

@@ -9,20 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard_fixtures import tiny_config, write_tiny_cub_shards
+from shard_fixtures import train_tiny_two_stream_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(checkpoint, data root, folder of the test split's JPEGs named by their keys)."""
-    from pipeline.train import run
-
     root = tmp_path_factory.mktemp("predict")
-    data = write_tiny_cub_shards(root / "data")
-    cfg = tiny_config(f"data.root={data}", f"run.dir={root / 'run'}", "model.name=nxst_cnn",
-                      "model.backbone=test_resnet", "model.num_streams=2", "model.input_size=64", "model.crop_size=32",
-                      "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.device=cpu")
-    run(cfg)
+    data = train_tiny_two_stream_run(root)
     images = root / "images"
     images.mkdir()
     for shard in sorted(data.glob("test-*.tar")):
