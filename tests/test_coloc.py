@@ -150,6 +150,17 @@ def test_iou50_scorer_on_known_boxes():
     assert result["loss"] == pytest.approx(1.0)
 
 
+def test_table_gives_each_seed_and_the_spread():
+    from pipeline.experiments.coloc import ColocProfile, format_table
+
+    def run(clutter, seed, rate, start):
+        return {"clutter": clutter, "class": 3, "seed": seed, "iou50": rate, "trajectory": [{"iou50": start}]}
+
+    records = [run("T", 0, 0.5, 0.1), run("T", 1, 0.7, 0.1), run("T", 2, 0.9, 0.1), run("TC", 0, 0.25, 0.05)]
+    row = format_table(records, ColocProfile(idx_root="x", classes=(3,))).splitlines()[2]
+    assert row == "| 3 | 70 +- 20 % (seeds 50 / 70 / 90; initial 10 %) | 25 % (initial 5 %) |"
+
+
 def test_runner_end_to_end(tmp_path):
     from pipeline.experiments.__main__ import main
 

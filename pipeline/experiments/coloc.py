@@ -278,21 +278,32 @@ def rates(records: Sequence[Dict]) -> Dict[str, Dict[str, float]]:
     return {c: {d: round(statistics.fmean(v), 4) for d, v in by_class.items()} for c, by_class in found.items()}
 
 
+def rate_cell(seeds: Sequence[float], initial: Optional[Sequence[float]]) -> str:
+    """"4 % (initial 5 %)" for one seed; "4 +- 2 % (seeds 3 / 6 / 3; initial 5 %)" for several (percent)."""
+    percent = [100 * rate for rate in seeds]
+    notes = [] if len(percent) == 1 else ["seeds " + " / ".join(f"{p:.0f}" for p in percent)]
+    if initial:
+        notes.append(f"initial {100 * statistics.fmean(initial):.0f} %")
+    mean = f"{statistics.fmean(percent):.0f}" + ("" if len(percent) == 1 else f" +- {statistics.stdev(percent):.0f}")
+    return f"{mean} %" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def format_table(records: Sequence[Dict], profile: ColocProfile) -> str:
-    """Markdown: % of images localised (IoU > 0.5) per class, T and TC; in brackets the initial crop's."""
-    table = rates(records)
+    """Markdown: % of images localised (IoU > 0.5) per class, T and TC (with several seeds: mean +- std
+    and each seed's) and the initial crop's."""
     initial: Dict[Tuple[str, str], List[float]] = {}
+    per_seed: Dict[Tuple[str, str], List[float]] = {}
     for r in records:
         if r.get("trajectory"):
             initial.setdefault((r["clutter"], str(r["class"])), []).append(r["trajectory"][0]["iou50"])
+        if r["iou50"] is not None:
+            per_seed.setdefault((r["clutter"], str(r["class"])), []).append(r["iou50"])
     lines = ["| class | " + " | ".join(profile.clutters) + " |", "|---|" + "---|" * len(profile.clutters)]
     for digit in map(str, profile.classes):
         cells = []
         for clutter in profile.clutters:
-            rate = table.get(clutter, {}).get(digit)
-            start = initial.get((clutter, digit))
-            cells.append("–" if rate is None else f"{100 * rate:.0f} %" +
-                         (f" ({100 * statistics.fmean(start):.0f} %)" if start else ""))
+            seeds, start = per_seed.get((clutter, digit)), initial.get((clutter, digit))
+            cells.append(rate_cell(seeds, start) if seeds else "–")
         lines.append(f"| {digit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
