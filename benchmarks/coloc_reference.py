@@ -27,7 +27,9 @@ reference written outside the project would be:
 A variant is tokens joined by "+", applied to the project's settings ("ours": centred 28 px start,
 per-layer normalised features, lr 1e-3, batch 50, 600 steps): raw, whole (start s = 0.99), none |
 translate | rts (the distortion e() trains on; default: --features if given, else --base-distortion),
-allpos, lowlr (1e-4), big (batch = all images), and key=value for init, lr, steps, batch, margin.
+allpos, lowlr (1e-4), big (batch = all images), neg28 (r(I_n) always 28 px, not T(I_n)'s side),
+free (a diagnostic: one free window per image, no localisation net), atdigit (free, started at the
+digit's box: does the optimisation keep the digit?), and key=value for init, lr, steps, batch, margin, negative (r(I_n)'s side as a share of the image).
 Every variant runs with the same seeds (the start weights and the random crops).
 """
 from __future__ import annotations
@@ -66,6 +68,8 @@ class Variant:
     steps: int = 600
     batch: int = 50
     margin: float = 1.0
+    negative: float = 0.0      # r(I_n)'s side: 0 = T(I_n)'s (the project's), else this share of the image
+    windows: str = "net"       # net: the A.2 localisation net | free: one (s, tx, ty) per image | atdigit: free, from the box
 
 
 def parse_variant(text: str, steps: Optional[int]) -> Variant:
@@ -85,7 +89,11 @@ def parse_variant(text: str, steps: Optional[int]) -> Variant:
             v = replace(v, lr=1e-4)
         elif token == "big":
             v = replace(v, batch=10 ** 6)
-        elif "=" in token and token.split("=")[0] in ("init", "lr", "steps", "batch", "margin"):
+        elif token in ("free", "atdigit"):
+            v = replace(v, windows=token)
+        elif token == "neg28":
+            v = replace(v, negative=CROP / IMAGE)
+        elif "=" in token and token.split("=")[0] in ("init", "lr", "steps", "batch", "margin", "negative"):
             key, value = token.split("=", 1)
             v = replace(v, **{key: int(value) if key in ("steps", "batch") else float(value)})
         else:
@@ -200,6 +208,17 @@ def load_features(path: str) -> FeatureCNN:
 
 # ---- the transformer and the loss ---------------------------------------------------------------
 
+def bounded(raw: torch.Tensor) -> torch.Tensor:
+    """(s, tx, ty) of raw (B, 3): s = sigmoid, the centre tanh-bounded to keep the window inside the image."""
+    s = torch.sigmoid(raw[:, :1])
+    return torch.cat([s, (1 - s) * torch.tanh(raw[:, 1:])], 1)
+
+
+def raw_of(windows: torch.Tensor) -> torch.Tensor:
+    s = windows[:, :1].clamp(0.01, 0.99)
+    return torch.cat([torch.logit(s), torch.atanh((windows[:, 1:] / (1 - s)).clamp(-0.999, 0.999))], 1)
+
+
 class Localiser(nn.Module):
     """A.2: conv 8 9x9 stride 4, max 2, FC 8, FC 8, FC 3 -> (s, tx, ty) of a window inside the image."""
 
@@ -209,15 +228,23 @@ class Localiser(nn.Module):
         self.net = nn.Sequential(nn.Conv2d(1, 8, 9, stride=4), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
                                  nn.Linear(8 * side * side, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
         self.head = nn.Linear(8, 3)
-        s = min(max(init_scale, 0.01), 0.99)
-        with torch.no_grad():  # every image starts at the same window: the centred one of side s
+        with torch.no_grad():  # every image starts at the same window: the centred one of side init_scale
             self.head.weight.zero_()
-            self.head.bias.copy_(torch.tensor([math.log(s / (1 - s)), 0.0, 0.0]))
+            self.head.bias.copy_(raw_of(torch.tensor([[init_scale, 0.0, 0.0]]))[0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raw = self.head(self.net(x))
-        s = torch.sigmoid(raw[:, :1])
-        return torch.cat([s, (1 - s) * torch.tanh(raw[:, 1:])], 1)
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return bounded(self.head(self.net(x)))
+
+
+class FreeWindows(nn.Module):
+    """A diagnostic, not A.2: one free window per image (no localisation net), from the given windows (N, 3)."""
+
+    def __init__(self, start: torch.Tensor):
+        super().__init__()
+        self.raw = nn.Parameter(raw_of(start))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return bounded(self.raw[idx])
 
 
 def crop(x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
@@ -231,7 +258,8 @@ def crop(x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
 
 def triplet_loss(cnn: FeatureCNN, x: torch.Tensor, windows: torch.Tensor, v: Variant) -> torch.Tensor:
     anchor = cnn.embed(crop(x, windows), v.normalize)
-    s = windows[:, :1].detach()  # r(I_n): T(I_n)'s side, anywhere inside image n, no gradient through it
+    # r(I_n): T(I_n)'s side (or the variant's), anywhere inside image n, no gradient through it
+    s = windows[:, :1].detach() if not v.negative else torch.full_like(windows[:, :1], v.negative)
     random_windows = torch.cat([s, (torch.rand(len(x), 2) * 2 - 1) * (1 - s)], 1)
     negative = cnn.embed(crop(x, random_windows), v.normalize)
     if v.positive == "all":
@@ -255,8 +283,8 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(loc: Localiser, x: torch.Tensor, truth: torch.Tensor) -> Dict[str, float]:
-    windows = loc(x)
+def score(loc: nn.Module, x: torch.Tensor, truth: torch.Tensor) -> Dict[str, float]:
+    windows = loc(x, torch.arange(len(x)))
     overlap = iou(window_boxes(windows), truth)
     return {"rate": float((overlap > 0.5).float().mean()), "mean_iou": float(overlap.mean()),
             "scale": float(windows[:, 0].mean())}
@@ -266,7 +294,12 @@ def colocalise(cnn: FeatureCNN, x: torch.Tensor, truth: torch.Tensor, v: Variant
                every: int = 100) -> Dict:
     """One optimisation of A.2 on the images x; the rate at the start, every `every` steps and at the end."""
     torch.manual_seed(seed)
-    loc = Localiser(v.init)
+    if v.windows == "net":
+        loc: nn.Module = Localiser(v.init)
+    elif v.windows == "free":
+        loc = FreeWindows(torch.tensor([[v.init, 0.0, 0.0]]).repeat(len(x), 1))
+    else:  # the digit's own box: is the digit a minimum the optimisation keeps?
+        loc = FreeWindows(torch.cat([(truth[:, 2:3] - truth[:, :1]) / 2, (truth[:, :2] + truth[:, 2:]) / 2], 1))
     opt = torch.optim.AdamW(loc.parameters(), lr=v.lr, weight_decay=0.0)
     batch = min(v.batch, len(x))
     start, trace, order, losses = time.time(), [], torch.empty(0, dtype=torch.long), []
@@ -275,7 +308,7 @@ def colocalise(cnn: FeatureCNN, x: torch.Tensor, truth: torch.Tensor, v: Variant
         if len(order) < batch:  # epoch by epoch, as a shuffling loader draws them
             order = torch.cat([order, torch.randperm(len(x))])
         idx, order = order[:batch], order[batch:]
-        loss = triplet_loss(cnn, x[idx], loc(x[idx]), v)
+        loss = triplet_loss(cnn, x[idx], loc(x[idx], idx), v)
         opt.zero_grad()
         loss.backward()
         opt.step()
