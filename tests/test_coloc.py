@@ -130,6 +130,21 @@ def test_loss_pairs_each_crop_with_the_next_image_and_trains_only_the_transforme
     assert torch.allclose(anchor, anchor.roll(1, 0))
 
 
+def test_negative_scale_fixes_the_random_crops_side(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("digits_coloc_st", feature_checkpoint="random", init_scale=0.7, negative_scale=1 / 3)
+    sampled = []
+    sample = model.transformer.sample
+    monkeypatch.setattr(model.transformer, "sample", lambda x, theta: sampled.append(theta) or sample(x, theta))
+    model(torch.rand(3, 1, 84, 84))
+    random_windows = sampled[-1][:, 0]  # r(I_n): 28 px anywhere inside the image, whatever T(I_n)'s side (0.7)
+    assert torch.allclose(random_windows[:, 0], torch.full((3,), 1 / 3))
+    assert (random_windows[:, 1:].abs() <= 2 / 3 + 1e-6).all()
+    assert torch.allclose(model.attend(torch.rand(2, 1, 84, 84))["theta"][:, 0, 0], torch.full((2,), 0.7))
+    with pytest.raises(ValueError, match="negative_scale=1.5"):
+        create_model("digits_coloc_st", feature_checkpoint="random", negative_scale=1.5)
+
+
 def test_iou50_scorer_on_known_boxes():
     from pipeline.evaluation import _Scorer, meta_boxes
 

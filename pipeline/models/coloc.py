@@ -13,7 +13,7 @@ image (a crop of the zero padding would be one more blank crop), as r(I_n)'s win
 
 The loss (A.2) needs no labels and no boxes: with e() a frozen feature network, for image n, the
 crop T(I_n), another image's crop T(I_m) (m: the batch rolled by one) and a random crop r(I_n)
-of the same size from image n,
+of the same size from image n (`negative_scale`: of that fixed share of the image side instead),
     L_n = max(0, ||e(T I_n) - e(T I_m)||^2 - ||e(T I_n) - e(r I_n)||^2 + margin),
 so the crops of all images come to look alike and unlike the rest of their own image. `forward`
 returns L_n per image (the trainer's `colocalisation` task takes their mean); the random crops
@@ -92,16 +92,20 @@ class CoLocaliser(nn.Module):
     task = "colocalisation"
     num_streams = 1
 
-    def __init__(self, transformer: SpatialTransformer, features: FeatureNet, margin: float = MARGIN):
+    def __init__(self, transformer: SpatialTransformer, features: FeatureNet, margin: float = MARGIN,
+                 negative_scale: Optional[float] = None):
         super().__init__()
         self.transformer, self.features, self.margin = transformer, features, float(margin)
+        self.negative_scale = negative_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         crops, theta = self.transformer(x)
         anchor = self.features(crops[:, 0])
-        # r(I_n): the size of T(I_n)'s window, anywhere in the image; no gradient flows through its place
+        # r(I_n): the size of T(I_n)'s window (or negative_scale), anywhere in the image; no gradient flows through it
         kind = self.transformer.transform_kind
         scale = kind.scale_of(theta[:, 0].detach(), self.transformer.scale)
+        if self.negative_scale is not None:
+            scale = torch.full_like(scale, self.negative_scale)
         random_crops = self.transformer.sample(x, kind.from_windows(random_windows(scale))[:, None])
         negative = self.features(random_crops[:, 0])
         return triplet_hinge(anchor, anchor.roll(1, 0), negative, self.margin)
@@ -139,9 +143,13 @@ def load_feature_cnn(path: Optional[str]) -> nn.Module:
 @register_model
 def digits_coloc_st(input_size: int = 84, crop_size: int = 28, transform: str = "attention",
                     feature_checkpoint: Optional[str] = None, margin: float = MARGIN, normalize_features: bool = True,
-                    init_scale: Optional[float] = None) -> CoLocaliser:
+                    init_scale: Optional[float] = None, negative_scale: Optional[float] = None) -> CoLocaliser:
     if transform not in TRANSFORM_KINDS or not transform_kind(transform).window:
         raise ValueError(f"model.extra.transform={transform!r}: expected a window kind: {window_kinds()}")
+    for key, value in (("init_scale", init_scale), ("negative_scale", negative_scale)):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"model.extra.{key}={value}: expected a share of the image side in (0, 1)")
     transformer = SpatialTransformer(localisation_net(input_size), 8, transform, crop_size, num_transforms=1,
                                      scale=init_scale or crop_size / input_size, bound="tanh_inside")
-    return CoLocaliser(transformer, FeatureNet(load_feature_cnn(feature_checkpoint), normalize_features), margin)
+    return CoLocaliser(transformer, FeatureNet(load_feature_cnn(feature_checkpoint), normalize_features), margin,
+                       negative_scale)
