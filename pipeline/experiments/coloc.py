@@ -269,13 +269,19 @@ def run(profile: ColocProfile) -> Dict:
     return write_report(profile, features, records, picture, time.time() - started)
 
 
-def rates(records: Sequence[Dict]) -> Dict[str, Dict[str, float]]:
-    """{"T": {"<class>": mean iou50 over seeds}, "TC": ...} of the runs that finished."""
+def seed_rates(records: Sequence[Dict]) -> Dict[str, Dict[str, List[float]]]:
+    """{"T": {"<class>": [iou50 of each seed]}, "TC": ...} of the runs that finished."""
     found: Dict[str, Dict[str, List[float]]] = {}
     for r in records:
         if r["iou50"] is not None:
             found.setdefault(r["clutter"], {}).setdefault(str(r["class"]), []).append(r["iou50"])
-    return {c: {d: round(statistics.fmean(v), 4) for d, v in by_class.items()} for c, by_class in found.items()}
+    return found
+
+
+def rates(records: Sequence[Dict]) -> Dict[str, Dict[str, float]]:
+    """{"T": {"<class>": mean iou50 over seeds}, "TC": ...} of the runs that finished."""
+    return {c: {d: round(statistics.fmean(v), 4) for d, v in by_class.items()}
+            for c, by_class in seed_rates(records).items()}
 
 
 def rate_cell(seeds: Sequence[float], initial: Optional[Sequence[float]]) -> str:
@@ -291,18 +297,16 @@ def rate_cell(seeds: Sequence[float], initial: Optional[Sequence[float]]) -> str
 def format_table(records: Sequence[Dict], profile: ColocProfile) -> str:
     """Markdown: % of images localised (IoU > 0.5) per class, T and TC (with several seeds: mean +- std
     and each seed's) and the initial crop's."""
+    per_seed = seed_rates(records)
     initial: Dict[Tuple[str, str], List[float]] = {}
-    per_seed: Dict[Tuple[str, str], List[float]] = {}
     for r in records:
         if r.get("trajectory"):
             initial.setdefault((r["clutter"], str(r["class"])), []).append(r["trajectory"][0]["iou50"])
-        if r["iou50"] is not None:
-            per_seed.setdefault((r["clutter"], str(r["class"])), []).append(r["iou50"])
     lines = ["| class | " + " | ".join(profile.clutters) + " |", "|---|" + "---|" * len(profile.clutters)]
     for digit in map(str, profile.classes):
         cells = []
         for clutter in profile.clutters:
-            seeds, start = per_seed.get((clutter, digit)), initial.get((clutter, digit))
+            seeds, start = per_seed.get(clutter, {}).get(digit), initial.get((clutter, digit))
             cells.append(rate_cell(seeds, start) if seeds else "–")
         lines.append(f"| {digit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -103,9 +103,10 @@ class CoLocaliser(nn.Module):
         anchor = self.features(crops[:, 0])
         # r(I_n): the size of T(I_n)'s window (or negative_scale), anywhere in the image; no gradient flows through it
         kind = self.transformer.transform_kind
-        scale = kind.scale_of(theta[:, 0].detach(), self.transformer.scale)
-        if self.negative_scale is not None:
-            scale = torch.full_like(scale, self.negative_scale)
+        if self.negative_scale is None:
+            scale = kind.scale_of(theta[:, 0].detach(), self.transformer.scale)
+        else:
+            scale = theta.new_full((len(theta),), self.negative_scale)
         random_crops = self.transformer.sample(x, kind.from_windows(random_windows(scale))[:, None])
         negative = self.features(random_crops[:, 0])
         return triplet_hinge(anchor, anchor.roll(1, 0), negative, self.margin)
