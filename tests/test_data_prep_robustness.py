@@ -239,8 +239,11 @@ def test_sigkill_mid_shard_then_rerun_matches_uninterrupted(cub_root, tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "job never reached shard train-000002"
             time.sleep(0.05)
-        # the job is inside shard train-000002, waiting for the bytes of its second image
-        assert list(out.glob(".train-000002.tar.partial-*"))
+        # the job's reader is inside shard train-000002, waiting for the bytes of its second image; its
+        # writer thread opens the shard's temporary file (after renaming train-000001) on its own time
+        while not list(out.glob(".train-000002.tar.partial-*")):
+            assert time.monotonic() < deadline, "the writer never opened train-000002's temporary file"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         os.close(writer)
     finally:
