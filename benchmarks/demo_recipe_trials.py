@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--loc-spread", type=float, default=1.0, help="model.extra.loc_spread (softargmax prior, cells)")
     p.add_argument("--loc-sharpness", type=float, default=1.0, help="model.extra.loc_sharpness")
     p.add_argument("--loc-features", default="own", help="model.extra.loc_features: own | stream")
+    p.add_argument("--fd-directions", default="random", help="model.extra.fd_directions: random | axes")
+    p.add_argument("--jitter", type=float, default=0.0, help="trial: training windows shifted by U(-j, j) per axis")
+    p.add_argument("--loc-calibrate", action="store_true", help="model.extra.loc_calibrate")
     p.add_argument("--loc-stride", type=int, default=None, help="model.extra.loc_stride")
     p.add_argument("--fd-objective", default="loss", help="model.extra.fd_objective: loss | margin")
     p.add_argument("--fd-step", type=float, default=0.0, help="finite-difference window gradient (0: backprop)")
@@ -144,8 +147,11 @@ def main(argv=None) -> int:
             extra.update(loc_features=args.loc_features)
         if args.loc_stride:
             extra.update(loc_stride=args.loc_stride)
+        if args.loc_calibrate:
+            extra.update(loc_calibrate=True)
         if args.fd_step:
-            extra.update(window_gradient="finite_difference", fd_step=args.fd_step, fd_objective=args.fd_objective)
+            extra.update(window_gradient="finite_difference", fd_step=args.fd_step, fd_objective=args.fd_objective,
+                         fd_directions=args.fd_directions)
         if args.crop:  # the window covers `crop` px of the image, sampled at full resolution
             extra.update(transform_scale=args.crop / args.size)
         model = create_model("nxst_cnn", num_streams=2, **kw, **extra)
@@ -170,7 +176,13 @@ def main(argv=None) -> int:
             parts[flip, :, 0] = args.size - 1 - parts[flip, :, 0]
             x = oracle_crops(x, parts, args.size)
         bare = args.baseline or args.oracle_crop
+        if args.jitter and not bare:  # one shift per image and window for this step's passes
+            shift = (torch.rand(args.batch, 2, 2, generator=generator) * 2 - 1) * args.jitter
+            sample = type(model.transformer).sample
+            model.transformer.sample = lambda x_, theta, _s=shift: sample(model.transformer, x_, theta + _s)
         logits = model(x, targets=y) if args.fd_step and not bare else model(x)
+        if args.jitter and not bare:
+            del model.transformer.sample
         loss = F.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()

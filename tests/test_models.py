@@ -1,6 +1,8 @@
 """The model zoo: every registered model builds small, trains a step, and declares its parameter groups."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -173,6 +175,28 @@ def test_finite_difference_theta_estimates_the_gradient_of_a_smooth_loss():
     assert torch.allclose(mean, (0 - target) / 2, atol=0.03)
 
 
+def test_finite_differences_along_the_axes_estimate_the_whole_gradient_of_each_window():
+    """directions="axes": 2 passes per axis, each window a random sign; another window's effect on
+    the sample's loss averages out of a window's estimate."""
+    from pipeline.models.spatial_transformer import finite_difference_theta
+
+    torch.manual_seed(0)
+    targets = torch.tensor([[0.3, -0.2], [-0.4, 0.1]])
+    source = torch.zeros(4096, 2, 2, requires_grad=True)
+    calls = []
+
+    def losses(theta):  # two windows, one loss per sample: 0.5 |theta_n - target_n|^2 summed
+        calls.append(1)
+        return 0.5 * ((theta - targets) ** 2).sum((-1, -2))
+
+    finite_difference_theta(source * 1.0, losses, step=0.05, directions="axes").sum().backward()
+    assert len(calls) == 4
+    mean = source.grad.mean(0) * len(source)
+    assert torch.allclose(mean, 0 - targets, atol=0.03)
+    with pytest.raises(ValueError, match="directions='sideways'"):
+        finite_difference_theta(source, losses, step=0.05, directions="sideways")
+
+
 def test_nxst_finite_difference_windows_train_from_the_loss():
     torch.manual_seed(0)
     model = create_model("nxst_cnn", **SMALL["nxst_cnn"], window_gradient="finite_difference", fd_step=0.1)
@@ -186,6 +210,8 @@ def test_nxst_finite_difference_windows_train_from_the_loss():
     assert torch.equal(model(x, targets=y), model(x))  # evaluation ignores targets
     with pytest.raises(ValueError, match="window_gradient='slope'"):
         create_model("nxst_cnn", **SMALL["nxst_cnn"], window_gradient="slope")
+    with pytest.raises(ValueError, match="fd_directions='diagonal'"):
+        create_model("nxst_cnn", **SMALL["nxst_cnn"], window_gradient="finite_difference", fd_directions="diagonal")
 
 
 def test_nxst_zero_streams_is_the_resized_backbone():
@@ -377,6 +403,34 @@ def test_softargmax_head_finds_a_feature_wherever_it_is():
     assert head.cells.abs().max() <= 0.5  # cell centres pulled in by (1 - scale): windows inside the image
 
 
+def test_calibrated_softargmax_starts_where_the_plain_one_does_and_learns_a_gain_and_an_offset():
+    """loc_calibrate: centre = expected place x exp(log_gain) + offset, clamped inside the image."""
+    from pipeline.models.spatial_transformer import SoftArgmaxHead
+
+    torch.manual_seed(0)
+    plain = SoftArgmaxHead(channels=3, map_size=(4, 4), num_windows=2, scale=0.5, spread=2.0)
+    calibrated = SoftArgmaxHead(channels=3, map_size=(4, 4), num_windows=2, scale=0.5, spread=2.0, calibrate=True)
+    calibrated.load_state_dict(plain.state_dict(), strict=False)
+    feature_map = torch.randn(5, 3, 4, 4)
+    with torch.no_grad():
+        plain.score.weight.normal_()
+        calibrated.score.weight.copy_(plain.score.weight)
+    torch.testing.assert_close(calibrated(feature_map), plain(feature_map))  # gain 1, offset 0 at the start
+    torch.testing.assert_close(calibrated.initial_centres(), plain.initial_centres())
+    with torch.no_grad():
+        calibrated.log_gain.fill_(math.log(2.0))
+        calibrated.offset[1, 1] = 0.1
+    expected = (plain(feature_map) * 2.0 + torch.tensor([[0.0, 0.0], [0.0, 0.1]])).clamp(-0.5, 0.5)
+    torch.testing.assert_close(calibrated(feature_map), expected)
+    with torch.no_grad():
+        calibrated.offset.fill_(5.0)  # far outside: the windows stay inside the image
+    assert calibrated(feature_map).max() <= 0.5
+    calibrated.offset.data.zero_()
+    calibrated(feature_map).sum().backward()
+    assert calibrated.log_gain.grad.abs().sum() > 0 and calibrated.offset.grad.abs().sum() > 0
+    assert not hasattr(plain, "log_gain") or plain.log_gain is None
+
+
 def test_softargmax_head_trains_from_finite_differences_and_refuses_other_kinds():
     torch.manual_seed(0)
     model = create_model("nxst_cnn", **SMALL["nxst_cnn"], loc_head="softargmax", loc_downscale=1,
@@ -400,6 +454,23 @@ def test_loc_stride_cuts_the_localisation_trunk_at_a_finer_map():
     assert fine.transformer.head.cells.shape == (8 * 8, 2)
     assert fine.attend(_input({"input_size": 128}))["theta"].shape == (2, 2, 2)
     with pytest.raises(ValueError, match="loc_stride=12: 'test_resnet' has feature maps of stride 2, 4, 8, 16, 32"):
+        create_model("nxst_cnn", **kw, loc_stride=12)
+
+
+def test_loc_stride_on_stream_features_stacks_the_finer_stage_and_the_last_map():
+    kw = dict(SMALL["nxst_cnn"], input_size=128, crop_size=64, loc_head="softargmax", loc_downscale=1,
+              loc_features="stream")
+    model = create_model("nxst_cnn", **kw, loc_stride=16)
+    stream, x = model.streams[0], _input({"input_size": 128})
+    features = model._loc_input(x)
+    fine, last = stream.feature_info[3], stream.feature_info[4]
+    assert features.shape == (2, fine["num_chs"] + last["num_chs"], 8, 8)
+    with torch.no_grad():  # the last map's 4 x 4 cells, each repeated over 2 x 2 of the finer ones
+        coarse = stream.eval().forward_features(x)
+    torch.testing.assert_close(features[:, fine["num_chs"]:, ::2, ::2], coarse)
+    assert model.transformer.head.cells.shape == (8 * 8, 2)
+    assert model.attend(x)["theta"].shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="loc_stride=12: 'test_resnet' has feature maps of stride"):
         create_model("nxst_cnn", **kw, loc_stride=12)
 
 

@@ -34,9 +34,10 @@ class NxSTCNN(nn.Module):
                  num_control_points: int = 16, loc_grid: Optional[int] = None, stream_mode: str = "loop",
                  padding_mode: str = "zeros", loc_downscale: Optional[int] = None,
                  window_gradient: str = "sampler", fd_step: float = 0.125, fd_objective: str = "loss",
+                 fd_directions: str = "random",
                  loc_head: str = "linear",
                  loc_spread: float = 1.0, loc_sharpness: float = 1.0, loc_stride: Optional[int] = None,
-                 loc_features: str = "own"):
+                 loc_features: str = "own", loc_calibrate: bool = False):
         super().__init__()
         if window_gradient not in ("sampler", "finite_difference"):
             raise ValueError(f"window_gradient={window_gradient!r} is not one of sampler, finite_difference")
@@ -44,7 +45,10 @@ class NxSTCNN(nn.Module):
             raise ValueError(f"fd_step={fd_step} must be > 0")
         if fd_objective not in ("loss", "margin"):
             raise ValueError(f"fd_objective={fd_objective!r} is not one of loss, margin")
+        if fd_directions not in ("random", "axes"):
+            raise ValueError(f"fd_directions={fd_directions!r} is not one of random, axes")
         self.window_gradient, self.fd_step, self.fd_objective = window_gradient, float(fd_step), fd_objective
+        self.fd_directions = fd_directions
         if stream_mode not in ("loop", "vmap"):
             raise ValueError(f"stream_mode={stream_mode!r} is not one of loop, vmap")
         if num_streams < 1:
@@ -75,8 +79,18 @@ class NxSTCNN(nn.Module):
             raise ValueError("loc_features='stream' needs loc_head='softargmax' (it reads the stream's map)")
         self.streams = nn.ModuleList(create_timm(backbone, pretrained, num_classes=0) for _ in range(num_streams))
         self.loc_features, self.loc_downscale = loc_features, downscale
+        self.loc_levels: Optional[List[int]] = None
+        if loc_features == "stream" and loc_stride is not None:
+            # a finer map: the stream's stage of that stride, its last map upsampled and stacked on it
+            strides = [info["reduction"] for info in self.streams[0].feature_info]
+            if loc_stride not in strides:
+                raise ValueError(f"loc_stride={loc_stride}: '{backbone}' has feature maps of stride "
+                                 f"{', '.join(map(str, strides))}")
+            self.loc_levels = [strides.index(loc_stride), len(strides) - 1]
         if loc_features == "stream":
-            localisation = MapLocalisation(self.streams[0].num_features)
+            channels = (self.streams[0].num_features if self.loc_levels is None else
+                        sum(self.streams[0].feature_info[i]["num_chs"] for i in self.loc_levels))
+            localisation = MapLocalisation(channels)
             map_size = tuple(self._loc_input(torch.zeros(1, 3, input_size, input_size)).shape[-2:])
         else:
             localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
@@ -87,7 +101,7 @@ class NxSTCNN(nn.Module):
             localisation, localisation.out_features, transform, crop_size, num_transforms=num_streams,
             scale=transform_scale, bound=None if soft else bound, num_control_points=num_control_points,
             padding_mode=padding_mode, head=loc_head, spread=loc_spread, sharpness=loc_sharpness,
-            map_size=map_size)
+            map_size=map_size, calibrate=loc_calibrate)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(sum(s.num_features for s in self.streams), num_classes)
 
@@ -106,7 +120,12 @@ class NxSTCNN(nn.Module):
         was_training = stream.training
         with torch.no_grad():
             stream.eval()
-            features = stream.forward_features(F.avg_pool2d(x, self.loc_downscale) if self.loc_downscale > 1 else x)
+            image = F.avg_pool2d(x, self.loc_downscale) if self.loc_downscale > 1 else x
+            if self.loc_levels is None:
+                features = stream.forward_features(image)
+            else:
+                fine, coarse = stream.forward_intermediates(image, indices=self.loc_levels, intermediates_only=True)
+                features = torch.cat([fine, F.interpolate(coarse, size=fine.shape[-2:], mode="nearest")], 1)
             stream.train(was_training)
         return features
 
@@ -130,7 +149,7 @@ class NxSTCNN(nn.Module):
                 return negative_margin(logits, targets)
             return F.cross_entropy(logits, targets, reduction="none")
 
-        theta = finite_difference_theta(self.predict_windows(x), losses_at, self.fd_step)
+        theta = finite_difference_theta(self.predict_windows(x), losses_at, self.fd_step, self.fd_directions)
         return self.classify(st.sample(x, theta))
 
     def classify(self, crops: torch.Tensor) -> torch.Tensor:
@@ -242,13 +261,17 @@ def nxst_cnn(backbone: str = "inception_v3", loc_backbone: Optional[str] = None,
     loss over `fd_step`, default 0.125 = 8 px of a 128 px input; see `finite_difference_theta`; for
     class details too fine for the sampler's gradient; `fd_objective`: "loss", the training loss, or
     "margin", how far the true class's logit leads the best other one, which keeps pointing to a
-    better view after the cross-entropy has saturated on a partial one), `loc_downscale` (the localisation trunk's
+    better view after the cross-entropy has saturated on a partial one; `fd_directions`: "random", one
+    random direction per window and step (2 extra forward passes), or "axes", each axis of every window
+    (4 for translation windows: a full, less noisy slope), `loc_downscale` (the localisation trunk's
     input is the input average-pooled by this factor; default input_size / crop_size, the paper's
     448 -> 224), `loc_head` ("linear": the paper's fc regression from the pooled map; "softargmax":
     translation windows at the softmax-weighted mean of the map's cells, scored by one 1x1 conv,
     see `SoftArgmaxHead`; `loc_spread`: its starting prior's width in cells; `loc_sharpness`: a
-    factor on its scores, which lets the softmax peak sooner), `loc_stride` (the
-    localisation map's stride, e.g. 16: the trunk stops at that stage, a finer map than its last),
+    factor on its scores, which lets the softmax peak sooner; `loc_calibrate`: a learnt gain and offset
+    per window and axis on its expected place), `loc_stride` (the
+    localisation map's stride, e.g. 16: the trunk stops at that stage, a finer map than its last;
+    with loc_features=stream: that stage of the stream, its last map upsampled and stacked on it),
     `loc_features` ("own": a localisation trunk of its own; "stream": the soft-argmax head reads the
     first stream's feature map of the whole image, which the streams learn from classification,
     so the windows go where the features of the class are; no gradient flows back through it),

@@ -126,28 +126,41 @@ class _GradientFrom(torch.autograd.Function):
         return gradient, None
 
 
-def finite_difference_theta(theta: torch.Tensor, losses_at, step: float) -> torch.Tensor:
+def finite_difference_theta(theta: torch.Tensor, losses_at, step: float, directions: str = "random") -> torch.Tensor:
     """`theta` whose backward pass carries a finite-difference slope of the loss, not the sampler's gradient.
 
-    `losses_at(theta)` returns per-sample losses (B,) for transform parameters (B, N, ...). Per
-    sample and transform, one random unit direction e over its parameters: slope =
-    (L(theta + step e) - L(theta - step e)) / (2 step), gradient = slope * e / B (the batch loss is
-    a mean; E[e e^T] = I / n, so the estimate is the loss's gradient over n, smoothed over `step`).
-    Two extra forward passes, no backward. Why: where the class detail is a fine texture, the
-    sampler's pointwise gradient is dominated by the texture's phase and carries little sign of
-    where the detail is, while the loss over a few pixels of window movement is smooth
-    (`python -m pipeline.experiments window-gradient` measures both).
+    `losses_at(theta)` returns per-sample losses (B,) for transform parameters (B, N, ...).
+    directions="random": per sample and transform, one random unit direction e over its parameters:
+    slope = (L(theta + step e) - L(theta - step e)) / (2 step), gradient = slope * e / B (the batch
+    loss is a mean; E[e e^T] = I / n, so the estimate is the loss's gradient over n, smoothed over
+    `step`); two extra forward passes, no backward. directions="axes": one such pair of passes per
+    parameter (2n passes), each moving every transform along that axis with a random sign (the
+    signs keep one transform's effect on the sample's loss out of the others' estimates on
+    average): the estimate is the whole smoothed gradient, with less noise per step.
+    Why: where the class detail is a fine texture, the sampler's pointwise gradient is dominated by
+    the texture's phase and carries little sign of where the detail is, while the loss over a few
+    pixels of window movement is smooth (`python -m pipeline.experiments window-gradient` measures both).
     """
+    if directions not in ("random", "axes"):
+        raise ValueError(f"finite-difference directions={directions!r} is not one of random, axes")
     with torch.no_grad():
         flat = theta.detach().flatten(2)
-        direction = torch.randn_like(flat)
-        direction = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        shape = theta.shape
-        up = losses_at((flat + step * direction).reshape(shape))
-        down = losses_at((flat - step * direction).reshape(shape))
-        slope = (up - down).float() / (2.0 * step)
-        gradient = (slope[:, None, None] * direction / len(slope)).reshape(shape).to(theta.dtype)
-    return _GradientFrom.apply(theta, gradient)
+        if directions == "random":
+            direction = torch.randn_like(flat)
+            probes = [direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)]
+        else:
+            probes = []
+            for axis in range(flat.shape[-1]):
+                direction = torch.zeros_like(flat)
+                direction[..., axis] = torch.randint_like(flat[..., axis], 0, 2) * 2.0 - 1.0
+                probes.append(direction)
+        gradient = torch.zeros_like(flat, dtype=torch.float32)
+        for direction in probes:
+            up = losses_at((flat + step * direction).reshape(theta.shape))
+            down = losses_at((flat - step * direction).reshape(theta.shape))
+            slope = (up - down).float() / (2.0 * step)
+            gradient += slope[:, None, None] * direction / len(slope)
+    return _GradientFrom.apply(theta, gradient.reshape(theta.shape).to(theta.dtype))
 
 
 # ----------------------------------------------------------------------------- module
@@ -191,7 +204,7 @@ class SoftArgmaxHead(nn.Module):
     """
 
     def __init__(self, channels: int, map_size: Tuple[int, int], num_windows: int, scale: float,
-                 spread: float = 1.0, sharpness: float = 1.0):
+                 spread: float = 1.0, sharpness: float = 1.0, calibrate: bool = False):
         super().__init__()
         if not 0.0 < scale < 1.0:
             raise ValueError(f"the soft-argmax head needs a window scale in (0, 1), got scale={scale}")
@@ -218,15 +231,27 @@ class SoftArgmaxHead(nn.Module):
         distance2 = ((cells[None] - start[:, None]) ** 2).sum(-1) / cell_side ** 2
         self.register_buffer("cells", cells.float())
         self.prior = nn.Parameter((-0.5 * distance2 / spread ** 2).float())  # (N, h*w)
+        self.room = 1.0 - scale
+        # calibrate: a learnt gain (as its log: weight decay pulls it to 1) and offset per window and
+        # axis on the expected place. A softmax over a coarse map shrinks the centres towards the
+        # middle and cannot move them by a fixed amount (the crown above the body's features).
+        self.log_gain = nn.Parameter(torch.zeros(num_windows, 2)) if calibrate else None
+        self.offset = nn.Parameter(torch.zeros(num_windows, 2)) if calibrate else None
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) window centres from the map (B, C, h, w)."""
         logits = self.sharpness * self.score(feature_map).flatten(2) + self.prior
-        return torch.softmax(logits, -1) @ self.cells
+        return self._calibrated(torch.softmax(logits, -1) @ self.cells)
 
     def initial_centres(self) -> torch.Tensor:
         """(N, 2): where the windows start (for any input: the scores start at zero)."""
-        return torch.softmax(self.prior.detach(), -1) @ self.cells
+        with torch.no_grad():
+            return self._calibrated(torch.softmax(self.prior, -1) @ self.cells)
+
+    def _calibrated(self, centres: torch.Tensor) -> torch.Tensor:
+        if self.log_gain is None:
+            return centres
+        return (centres * self.log_gain.exp() + self.offset).clamp(-self.room, self.room)
 
 
 class SpatialTransformer(nn.Module):
@@ -247,7 +272,7 @@ class SpatialTransformer(nn.Module):
                  num_transforms: int = 1, scale: float = 0.5, num_control_points: int = 16,
                  bound: Optional[str] = None, align_corners: bool = False, padding_mode: str = "zeros",
                  head: str = "linear", map_size: Optional[Tuple[int, int]] = None, spread: float = 1.0,
-                 sharpness: float = 1.0):
+                 sharpness: float = 1.0, calibrate: bool = False):
         super().__init__()
         spec = transform_kind(kind)
         if head not in ("linear", "softargmax"):
@@ -269,7 +294,7 @@ class SpatialTransformer(nn.Module):
         self.align_corners, self.padding_mode = align_corners, padding_mode
         self.head_kind = head
         if head == "softargmax":
-            self.head = SoftArgmaxHead(features, map_size, num_transforms, scale, spread, sharpness)
+            self.head = SoftArgmaxHead(features, map_size, num_transforms, scale, spread, sharpness, calibrate)
         else:
             self.head = nn.Linear(features, num_transforms * num_params(kind, num_control_points))
         # What the kind precomputes for this fixed output grid (tps: its map, solved once); not saved in checkpoints.
