@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO, subprocess_env
 from pipeline.train import REQUEUE_EXIT_CODE
+from pipeline.train import checkpoint as ckpt
 from shard_fixtures import write_tiny_cub_shards
 from test_train_helpers import train_cmd, tiny_run
 
@@ -66,7 +67,8 @@ def _kill_tree(pid: int) -> None:
 
 
 def _state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    """The checkpoint train.resume=auto continues from (last.pt, or the step file a kill left without it)."""
+    return torch.load(ckpt.CheckpointDir(run_dir / "checkpoints", 0).resume_path("auto"), weights_only=True)
 
 
 def test_sigkill_after_a_checkpoint_then_resume_auto_matches_an_uninterrupted_run(shards, tmp_path):

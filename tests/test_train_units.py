@@ -77,6 +77,8 @@ def test_checkpoint_dir_keeps_the_newest_k_and_aliases_last_and_best(tmp_path):
     assert ckpt.load(d.last)["step"] == 3 and ckpt.load(d.best)["step"] == 2
     assert d.resume_path("auto") == d.last and d.resume_path(None) is None
     assert ckpt.CheckpointDir(tmp_path / "empty", 2).resume_path("auto") is None  # fresh start
+    d.last.unlink()  # killed between writing step 3's file and aliasing last.pt: step 3 is not lost
+    assert d.resume_path("auto") == d.step_path(3) and ckpt.load(d.resume_path("auto"))["step"] == 3
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

@@ -218,11 +218,16 @@ class CheckpointDir:
             raise CheckpointError(f"{err}; no loadable step_*.pt beside it to fall back on (train.resume=auto)") from None
 
     def resume_path(self, resume: Optional[str]) -> Optional[Path]:
-        """The file `train.resume` points at: null -> none, auto -> last.pt if present, else a path."""
+        """The file `train.resume` points at: null -> none, auto -> last.pt if present (else the newest
+        step_*.pt: a run killed between writing its step file and aliasing last.pt keeps that step),
+        else a path."""
         if resume is None:
             return None
         if resume == "auto":
-            return self.last if self.last.is_file() else None
+            if self.last.is_file():
+                return self.last
+            steps = sorted(self.root.glob("step_*.pt"))
+            return steps[-1] if steps else None
         path = Path(resume)
         if not path.is_file():
             raise CheckpointError(f"train.resume={resume}: checkpoint not found")

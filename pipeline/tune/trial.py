@@ -59,8 +59,10 @@ def checkpoint_file(folder: Optional[str | Path]) -> Optional[Path]:
 
 
 def trainer_last_checkpoint(run_dir: Path) -> Optional[Path]:
-    last = run_dir / "checkpoints" / "last.pt"
-    return last if last.is_file() else None
+    """What train.resume=auto would continue from in `run_dir` (last.pt, else the newest step file)."""
+    from pipeline.train.checkpoint import CheckpointDir
+
+    return CheckpointDir(run_dir / "checkpoints", 0).resume_path("auto")
 
 
 def _record_start(run_dir: Path, resume_from: Optional[str], source: str) -> None:
