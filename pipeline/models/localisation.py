@@ -61,11 +61,7 @@ class TrunkLocalisation(nn.Module):
             trunk_channels, self.cut = self.trunk.num_features, False
         else:  # an earlier, finer map: the trunk stops at the stage of that stride
             probe = timm.create_model(backbone, pretrained=False, features_only=True)
-            strides = list(probe.feature_info.reduction())
-            if stride not in strides:
-                raise ValueError(f"loc_stride={stride}: '{backbone}' has feature maps of stride "
-                                 f"{', '.join(map(str, strides))}")
-            index = strides.index(stride)
+            index = stage_of_stride(probe.feature_info.reduction(), stride, backbone)
             self.trunk = create_timm(backbone, pretrained, features_only=True, out_indices=(index,),
                                      in_chans=in_chans)
             trunk_channels, self.cut = probe.feature_info.channels()[index], True
@@ -107,6 +103,14 @@ class TrunkLocalisation(nn.Module):
             raise ValueError(f"the localisation map is {tuple(feature_map.shape[-2:])}, its fc layer was built for "
                              f"{self.flat_map}: the input does not have the model.input_size it was built for")
         return F.relu(self.fc(feature_map.flatten(1)))
+
+
+def stage_of_stride(strides: Sequence[int], stride: int, backbone: str) -> int:
+    """The index of the feature stage with output stride `stride`; a one-line error naming the ones there are."""
+    strides = list(strides)
+    if stride not in strides:
+        raise ValueError(f"loc_stride={stride}: '{backbone}' has feature maps of stride {', '.join(map(str, strides))}")
+    return strides.index(stride)
 
 
 class MapLocalisation(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from data_prep.transform_kinds import transform_kind
 
 from .registry import register_model
-from .localisation import MapLocalisation, TrunkLocalisation, create_timm
+from .localisation import MapLocalisation, TrunkLocalisation, create_timm, stage_of_stride
 from .spatial_transformer import SpatialTransformer, finite_difference_theta
 
 
@@ -83,15 +83,10 @@ class NxSTCNN(nn.Module):
         if loc_features == "stream" and loc_stride is not None:
             # a finer map: the stream's stage of that stride, its last map upsampled and stacked on it
             strides = [info["reduction"] for info in self.streams[0].feature_info]
-            if loc_stride not in strides:
-                raise ValueError(f"loc_stride={loc_stride}: '{backbone}' has feature maps of stride "
-                                 f"{', '.join(map(str, strides))}")
-            self.loc_levels = [strides.index(loc_stride), len(strides) - 1]
+            self.loc_levels = [stage_of_stride(strides, loc_stride, backbone), len(strides) - 1]
         if loc_features == "stream":
-            channels = (self.streams[0].num_features if self.loc_levels is None else
-                        sum(self.streams[0].feature_info[i]["num_chs"] for i in self.loc_levels))
-            localisation = MapLocalisation(channels)
-            map_size = tuple(self._loc_input(torch.zeros(1, 3, input_size, input_size)).shape[-2:])
+            probe = self._loc_input(torch.zeros(1, 3, input_size, input_size))  # the map's channels and size
+            localisation, map_size = MapLocalisation(probe.shape[1]), tuple(probe.shape[-2:])
         else:
             localisation = TrunkLocalisation(loc_backbone or backbone, downscale=downscale, grid=loc_grid,
                                              input_size=input_size,
