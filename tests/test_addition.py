@@ -220,11 +220,26 @@ def test_window_share_bound_on_apart_and_overlapping_digits():
     assert window_share_bound(overlapping) == [0.5, 0.5]
 
 
+def test_window_share_frontier_trades_the_digit_kept_for_the_share():
+    from pipeline.experiments.addition import window_share_frontier
+
+    apart = torch.zeros(1, 2, 42, 42, dtype=torch.uint8)
+    apart[0, 0, 2:10, 2:10] = 255
+    apart[0, 1, 30:40, 30:40] = 255
+    assert window_share_frontier(apart, keeps=(1.0,)) == {"1": [1.0, 1.0]}   # every rotation tried
+    half_over = torch.zeros(1, 2, 42, 42, dtype=torch.uint8)
+    half_over[0, 0, 10:20, 10:20] = 255                  # channel 1's square covers channel 0's right half
+    half_over[0, 1, 10:20, 15:25] = 255
+    got = window_share_frontier(half_over, keeps=(0.5, 1.0), angles=(0,))
+    assert got["0.5"] == [1.0, 1.0]                      # the halves the other digit leaves free
+    assert got["1"] == [round(100 / 150, 4)] * 2         # a whole square holds half the other's
+
+
 def test_seeds_are_averaged_with_their_transformers_aligned_on_the_digit_they_stabilise():
     from pipeline.experiments.addition import summary_json
 
     first = {"channel_share": [[0.4, 0.6], [0.7, 0.3]], "pose_spread": [[1.0, 0.5], [0.6, 1.0]]}
     swapped = {"channel_share": [[0.8, 0.2], [0.2, 0.8]], "pose_spread": [[0.4, 1.0], [1.0, 0.4]]}
-    got = summary_json([], {"2xst-fcn": [first, swapped]}, 2, [0.7, 0.7])
+    got = summary_json([], {"2xst-fcn": [first, swapped]}, 2, {"whole_digit_box": [0.7, 0.7], "frontier": {}})
     assert got["channel_share"] == [[0.75, 0.25], [0.3, 0.7]]   # digit 0's transformer first in both seeds
     assert got["pose_spread"] == [[0.5, 1.0], [1.0, 0.45]]

@@ -71,6 +71,7 @@ class AdditionProfile:
     data_seed: int = 0
     threads: Optional[int] = None
     num_examples: int = 8
+    frontier_images: int = 250     # test pairs the best-window search runs on (analysis only, ~0.45 s a pair)
     extra: Dict[str, object] = field(default_factory=dict)  # recorded in the results, e.g. the command
 
     def run_settings(self) -> Dict[str, object]:
@@ -90,7 +91,7 @@ class AdditionProfile:
 
 
 PROFILES = {
-    "quick": dict(name="quick", steps=40, batch_size=64, seeds=1, train_limit=512, test_limit=256),
+    "quick": dict(name="quick", steps=40, batch_size=64, seeds=1, train_limit=512, test_limit=256, frontier_images=8),
     "standard": dict(name="standard"),
 }
 
@@ -215,6 +216,46 @@ def window_share_bound(images: torch.Tensor) -> List[float]:
     return bound
 
 
+FRONTIER_KEEPS = (0.5, 0.7, 0.8, 0.9, 1.0)   # shares of its own digit's energy a window must keep
+FRONTIER_ANGLES = tuple(range(-45, 46, 15))  # window rotations tried (degrees)
+
+
+@torch.no_grad()
+def window_share_frontier(images: torch.Tensor, keeps: Sequence[float] = FRONTIER_KEEPS,
+                          angles: Sequence[float] = FRONTIER_ANGLES, min_side: int = 4) -> Dict[str, List[float]]:
+    """The most any window could reach, as a trade-off: per kept share k and channel c, the mean over pairs
+    of the best energy share of channel c in a window that still holds at least k of channel c's own
+    energy. Searched exhaustively per pair over every rectangle (sides min_side..canvas, every
+    position) at every rotation in `angles`: the windows an affine transformer can take, but shear.
+    A transformer that takes > 80 % of its output from one channel must drop whatever share of its
+    digit this says."""
+    import math
+
+    import torch.nn.functional as F
+
+    energy = images.float().div(255.0).pow(2)
+    n, channels, size, _ = energy.shape
+    pad = math.ceil(size * (math.sqrt(2) - 1) / 2)  # room for the canvas's corners at 45 degrees
+    energy = F.pad(energy, (pad,) * 4)
+    keep = torch.tensor(list(keeps))[:, None, None, None]                     # (K, 1, 1, 1)
+    best = torch.zeros(len(keeps), n, channels)
+    for degrees in angles:
+        cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]]).expand(n, 2, 3)
+        rotated = F.grid_sample(energy, F.affine_grid(theta, list(energy.shape), align_corners=False),
+                                align_corners=False)
+        table = F.pad(rotated.cumsum(-1).cumsum(-2), (1, 0, 1, 0))             # summed-area table
+        total = table[..., -1, -1].clamp_min(1e-12)[..., None]                 # (n, C, 1)
+        for h in range(min_side, size + 1):
+            for w in range(min_side, size + 1):
+                inside = (table[..., h:, w:] - table[..., :-h, w:] - table[..., h:, :-w]
+                          + table[..., :-h, :-w]).flatten(2)                   # (n, C, windows)
+                share = inside / inside.sum(1, keepdim=True).clamp_min(1e-12)
+                holds = inside / total >= keep - 1e-6                          # (K, n, C, windows)
+                best = torch.maximum(best, torch.where(holds, share, 0.0).amax(-1))
+    return {f"{k:g}": [round(float(v), 4) for v in best[i].mean(0)] for i, k in enumerate(keeps)}
+
+
 @torch.no_grad()
 def pose_spread(model, images: torch.Tensor, records: Sequence[Dict]) -> List[List[float]]:
     """The paper's "each transformer stabilises one digit", measured: per transformer k and channel c, how
@@ -280,10 +321,11 @@ def run(profile: AdditionProfile, train_missing: bool = True) -> Dict:
     records = [r for r in load_results(results_path) if r.get("settings") == settings
                and r["model"] in profile.models and r["seed"] < profile.seeds]
     stats: Dict[str, List[Dict[str, List[List[float]]]]] = {}  # model -> per seed {"channel_share", "pose_spread"}
-    picture, bound = None, None
+    picture, reach = None, None
     if records:
         images, labels, pairs = test_pairs(root, STATS_IMAGES)
-        bound = window_share_bound(images)
+        reach = {"whole_digit_box": window_share_bound(images),
+                 "frontier": window_share_frontier(images[:profile.frontier_images])}
         for r in sorted(records, key=lambda r: r["seed"]):
             if "num_transformers" in ROWS[r["model"]][2] and r["test_error"] is not None:
                 model = load_run(r["run_dir"])[0]
@@ -292,7 +334,7 @@ def run(profile: AdditionProfile, train_missing: bool = True) -> Dict:
                 if r["model"] == "2xst-fcn" and picture is None:
                     picture = pairs_picture(model, images[:profile.num_examples], labels[:profile.num_examples],
                                             out / "addition.png")
-    return write_report(profile, records, stats, bound, picture, time.time() - started)
+    return write_report(profile, records, stats, reach, picture, time.time() - started)
 
 
 def _mean_over_seeds(per_seed: List[Dict], name: str) -> List[List[float]]:
@@ -307,10 +349,11 @@ def _mean_over_seeds(per_seed: List[Dict], name: str) -> List[List[float]]:
     return [[round(float(v), 4) for v in row] for row in torch.tensor(values).mean(0)]
 
 
-def summary_json(records: Sequence[Dict], stats: Dict[str, List], seeds: int, bound: Optional[List[float]]) -> Dict:
+def summary_json(records: Sequence[Dict], stats: Dict[str, List], seeds: int, reach: Optional[Dict]) -> Dict:
     """{"seeds", "errors": {model: {"mean", "std", "n"}}, "channel_share": the 2xST-FCN's [[a, b], [c, d]]
     (mean over seeds, the transformer that stabilises digit 0 first), "pose_spread": the same for the
-    pose spread, "window_share_bound": per channel,
+    pose spread, "window_share_bound": per channel, the share a window around one whole digit holds,
+    "window_share_frontier": {kept share: per channel, the best share a window keeping it holds},
     "per_seed": {model: [{"channel_share", "pose_spread"} per seed]}}."""
     errors = {}
     for key in ROWS:
@@ -322,7 +365,8 @@ def summary_json(records: Sequence[Dict], stats: Dict[str, List], seeds: int, bo
     return {"seeds": seeds, "errors": errors,
             "channel_share": _mean_over_seeds(two, "channel_share") if two else None,
             "pose_spread": _mean_over_seeds(two, "pose_spread") if two else None,
-            "window_share_bound": bound, "per_seed": stats}
+            "window_share_bound": (reach or {}).get("whole_digit_box"),
+            "window_share_frontier": (reach or {}).get("frontier"), "per_seed": stats}
 
 
 def format_table(records: Sequence[Dict], models: Sequence[str]) -> str:
@@ -347,7 +391,14 @@ def transformer_table(stats: Dict[str, List]) -> str:
     return "\n".join(lines)
 
 
-def write_report(profile: AdditionProfile, records: List[Dict], stats: Dict, bound: Optional[List[float]],
+def frontier_table(frontier: Dict[str, List[float]]) -> str:
+    """The best share of one channel any window reaches, against the share of its digit it keeps."""
+    lines = ["| window keeps of its digit's energy | best share, channel 0 | channel 1 |", "|---|---|---|"]
+    lines += [f"| >= {float(k):.0%} | {a:.2f} | {b:.2f} |" for k, (a, b) in frontier.items()]
+    return "\n".join(lines)
+
+
+def write_report(profile: AdditionProfile, records: List[Dict], stats: Dict, reach: Optional[Dict],
                  picture: Optional[Path], wall: float) -> Dict:
     out = Path(profile.out)
     table = format_table(records, profile.models)
@@ -361,12 +412,14 @@ def write_report(profile: AdditionProfile, records: List[Dict], stats: Dict, bou
     if stats:
         text += (f"\n\nWhat each transformer does on the first {STATS_IMAGES} test pairs: the share of its output's "
                  "energy from each input channel (a window holding a whole digit reaches at most "
-                 f"{' / '.join(f'{b:.2f}' for b in bound)} for channel 0 / 1: the two digits overlap), and how much "
-                 "each digit's pose varies in its output (1: as in the input, 0: one canonical pose):\n\n"
-                 + transformer_table(stats))
+                 f"{' / '.join(f'{b:.2f}' for b in reach['whole_digit_box'])} for channel 0 / 1: the two digits "
+                 "overlap), and how much each digit's pose varies in its output (1: as in the input, 0: one "
+                 "canonical pose):\n\n" + transformer_table(stats) + "\n\nThe most one channel's share can be in any window (every "
+                 f"rectangle, place and rotation in 15-degree steps, searched on the first {profile.frontier_images} "
+                 "pairs), by how much of its own digit the window keeps:\n\n" + frontier_table(reach["frontier"]))
     table_path = out / "table.md"
     table_path.write_text(text + "\n")
-    summary = {**summary_json(records, stats, profile.seeds, bound), "steps": profile.steps,
+    summary = {**summary_json(records, stats, profile.seeds, reach), "steps": profile.steps,
                "batch_size": profile.batch_size}  # the budget the errors belong to
     (out / "addition_mnist.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.json").write_text(json.dumps({"profile": asdict(profile), "wall_s": wall, "runs": records},
