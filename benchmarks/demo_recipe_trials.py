@@ -39,12 +39,14 @@ CROWN, WINGS = 4, (8, 12)  # CUB part indices (0-based)
 
 def dataset(args) -> dict:
     """Images (N,3,S,S) normalised, labels, parts (N,15,3), drawn once and cached."""
-    path = Path(args.cache) / f"birds_{args.classes}x{args.per_class}_{args.size}px_size{args.bird_size}.npz"
+    patterned = "" if args.patterned_distractors == 0.5 else f"_patterned{args.patterned_distractors:g}"
+    path = Path(args.cache) / f"birds_{args.classes}x{args.per_class}_{args.size}px_size{args.bird_size}{patterned}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         classes = synthetic_cub.bird_classes(args.classes)
         samples = [synthetic_cub.draw_bird_image(classes[i % args.classes], args.size, synthetic_cub.image_rng(0, i),
-                                                 bird_size=args.bird_size)
+                                                 bird_size=args.bird_size,
+                                                 patterned_distractors=args.patterned_distractors)
                    for i in range(args.classes * args.per_class)]
         np.savez(path, x=np.stack([s.image for s in samples]), y=np.arange(len(samples)) % args.classes,
                  parts=np.array([s.parts for s in samples]))
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=300)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--bird-size", type=float, default=1.45)
+    p.add_argument("--patterned-distractors", type=float, default=0.0,
+                   help="the demo's 0 (clutter in bird colours only); the trials before 2026-12-07 ran 0.5")
     p.add_argument("--backbone", default="test_resnet.r160_in1k")
     p.add_argument("--baseline", action="store_true", help="the bare backbone on the image downscaled 2x")
     p.add_argument("--oracle-crop", action="store_true",

@@ -11,7 +11,8 @@ layout so that `python -m data_prep cub --root DIR --out SHARDS` runs on it unch
 
 Each image holds one small "bird" (tail, body, wing, head, beak, eye, legs; random position,
 size, heading, facing side and head tilt) on a cluttered background of random shapes, textures,
-a perch and distractor blobs drawn in the birds' own colours and patterns. The colours are random
+a perch and distractor blobs drawn in the birds' own colours (by default half of them also in the
+birds' fine patterns: `--patterned-distractors`). The colours are random
 and carry no class information: the class is the pair (crown pattern, wing pattern), each one of
 plain / barred / spotted / chequered / streaked, drawn with a period of about 3.3 px
 (`--pattern-period`). That detail is readable in a full-resolution crop around the bird and washes
@@ -79,6 +80,7 @@ class SyntheticCubOptions:
     jpeg_quality: int = 90
     pattern_period: float = PATTERN_PERIOD_PX
     bird_size: float = 1.0  # multiplies the body length range (BODY_SEMI_AXIS)
+    patterned_distractors: float = 0.5  # chance that a distractor blob wears a bird's fine pattern
 
     @property
     def test_images_per_class(self) -> int:
@@ -95,6 +97,8 @@ class SyntheticCubOptions:
             (2.0 <= self.pattern_period <= self.size / 8, "pattern_period", f"2.0..{self.size / 8:g} (size/8)",
              self.pattern_period),
             (0.5 <= self.bird_size <= 2.0, "bird_size", "0.5..2.0", self.bird_size),
+            (0.0 <= self.patterned_distractors <= 1.0, "patterned_distractors", "in [0, 1]",
+             self.patterned_distractors),
         ]
         for ok, key, expected, value in checks:
             if not ok:
@@ -417,8 +421,9 @@ def _jittered(rng: np.random.Generator, period: float) -> float:
 
 
 def _draw_distractors(rng, canvas: _Canvas, bird: _Bird, keep_off: Tuple[np.ndarray, np.ndarray],
-                      period: float) -> int:
-    """Bird-sized blobs in bird colours, half with the birds' fine patterns, kept off the bird."""
+                      period: float, patterned: float = 0.5) -> int:
+    """Bird-sized blobs in bird colours, kept off the bird; each wears one of the birds' fine patterns
+    with chance `patterned`."""
     size, a = canvas.size, bird.a
     (x0, y0), (x1, y1) = keep_off
     drawn = 0
@@ -434,7 +439,7 @@ def _draw_distractors(rng, canvas: _Canvas, bird: _Bird, keep_off: Tuple[np.ndar
         u, v = view.rotated(cx, cy, rng.uniform(0, 2 * math.pi))
         inside = _ellipse(u, v, 0, 0, r, r * rng.uniform(0.5, 1.0))
         base = _random_colour(rng)
-        kind = str(rng.choice(PATTERNS)) if rng.uniform() < 0.5 else "plain"
+        kind = str(rng.choice(PATTERNS)) if rng.uniform() < patterned else "plain"
         view.paint_patterned(inside, u, v, base, kind, _jittered(rng, period), _contrasting(rng, base))
         drawn += 1
     return drawn
@@ -495,7 +500,8 @@ def _box_of(silhouette: np.ndarray, size: int) -> Tuple[float, float, float, flo
 
 
 def draw_bird_image(cls: BirdClass, size: int, rng: np.random.Generator,
-                    pattern_period: float = PATTERN_PERIOD_PX, bird_size: float = 1.0) -> BirdSample:
+                    pattern_period: float = PATTERN_PERIOD_PX, bird_size: float = 1.0,
+                    patterned_distractors: float = 0.5) -> BirdSample:
     """One image of a bird of class `cls`, drawn from `rng` (the whole scene comes from it)."""
     bird = _place_bird(rng, size, bird_size)
     canvas = _Canvas(size)
@@ -510,7 +516,7 @@ def draw_bird_image(cls: BirdClass, size: int, rng: np.random.Generator,
     ImageDraw.Draw(perch).line([tuple(SUPERSAMPLE * (foot - reach)), tuple(SUPERSAMPLE * (foot + reach))],
                                fill=255, width=int(round(SUPERSAMPLE * rng.uniform(1.5, 4.0))))
     canvas.paint(np.asarray(perch) > 0, _random_colour(rng, value=(0.15, 0.5), saturation=(0.3, 0.7)))
-    distractors = _draw_distractors(rng, canvas, bird, bird.extent(), pattern_period)
+    distractors = _draw_distractors(rng, canvas, bird, bird.extent(), pattern_period, patterned_distractors)
     silhouette, params = _draw_bird(rng, canvas, bird, cls, pattern_period)
 
     image = canvas.output() + rng.normal(0.0, 3.0, size=(size, size, 3))  # sensor noise
@@ -574,7 +580,7 @@ def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClas
         for k in range(options.images_per_class):
             image_id += 1
             sample = draw_bird_image(cls, options.size, image_rng(options.seed, image_id), options.pattern_period,
-                                    options.bird_size)
+                                     options.bird_size, options.patterned_distractors)
             rel = f"{folder}/{cls.name}_{k + 1:04d}_{image_id}.jpg"
             (root / "images" / rel).write_bytes(_jpeg_bytes(sample.image, options.jpeg_quality))
             images.append(f"{image_id} {rel}")
@@ -598,8 +604,8 @@ def _write_root(root: Path, options: SyntheticCubOptions, classes: List[BirdClas
 
 def generate(out: str | Path, classes: int = 9, images_per_class: int = 60, size: int = 128,
              seed: int = 0, test_fraction: float = 0.5, jpeg_quality: int = 90,
-             pattern_period: float = PATTERN_PERIOD_PX, bird_size: float = 1.0, overwrite: bool = False,
-             progress: Optional[Callable[[int], None]] = None) -> Path:
+             pattern_period: float = PATTERN_PERIOD_PX, bird_size: float = 1.0, patterned_distractors: float = 0.5,
+             overwrite: bool = False, progress: Optional[Callable[[int], None]] = None) -> Path:
     """Write the synthetic CUB root at `out` and return it.
 
     `progress(n)` is called after every n images drawn (e.g. a tqdm bar's `update`).
@@ -610,7 +616,8 @@ def generate(out: str | Path, classes: int = 9, images_per_class: int = 60, size
     """
     options = SyntheticCubOptions(classes=classes, images_per_class=images_per_class, size=size, seed=seed,
                                   test_fraction=test_fraction, jpeg_quality=jpeg_quality,
-                                  pattern_period=pattern_period, bird_size=bird_size)
+                                  pattern_period=pattern_period, bird_size=bird_size,
+                                  patterned_distractors=patterned_distractors)
     options.validate()
     out = Path(out)
     bird_list = bird_classes(options.classes)
@@ -647,15 +654,18 @@ def is_generated(out: str | Path, options: SyntheticCubOptions) -> bool:
         made = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (isinstance(made, dict) and made.get("options") == asdict(options)
-            and made.get("generator_version") == GENERATOR_VERSION)
+    if not isinstance(made, dict) or not isinstance(made.get("options"), dict):
+        return False
+    # an option added later was drawn at its default by the roots made before it
+    made_options = {**asdict(SyntheticCubOptions()), **made["options"]}
+    return made_options == asdict(options) and made.get("generator_version") == GENERATOR_VERSION
 
 
 # ---------------------------------------------------------------- contact sheet
 
 def contact_sheet(path: str | Path, classes: int = 9, size: int = 128, seed: int = 0,
                   crop: Optional[int] = None, pattern_period: float = PATTERN_PERIOD_PX,
-                  bird_size: float = 1.0) -> Path:
+                  bird_size: float = 1.0, patterned_distractors: float = 0.5) -> Path:
     """PNG, one image per class: the image with its bird box | the whole image downscaled to the
     crop size (what a baseline at that size sees; shown enlarged) | the full-resolution crop
     around the bird (what attention can get; shown enlarged). 256 colours keep the file small."""
@@ -671,7 +681,8 @@ def contact_sheet(path: str | Path, classes: int = 9, size: int = 128, seed: int
     draw.text((0, 0), f"per class: {size}px image + bird box | downscaled to {crop}px | {crop}px full-res crop",
               fill=(0, 0, 0))
     for i, cls in enumerate(bird_list):
-        sample = draw_bird_image(cls, size, image_rng(seed, 10_000 + i), pattern_period, bird_size)
+        sample = draw_bird_image(cls, size, image_rng(seed, 10_000 + i), pattern_period, bird_size,
+                                 patterned_distractors)
         full = Image.open(io.BytesIO(_jpeg_bytes(sample.image, 90))).convert("RGB")
         x, y, w, h = sample.bbox
         boxed = full.copy()
@@ -715,6 +726,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--bird-size", type=float, default=defaults.bird_size,
                         help="scale of the birds (default %(default)s: bodies 8.5-12%% of the image side; the "
                              "demo uses 1.45: bigger patterned parts, learnt from fewer images)")
+    parser.add_argument("--patterned-distractors", type=float, default=defaults.patterned_distractors,
+                        help="chance that a distractor blob wears a bird's fine pattern (default %(default)s; "
+                             "the demo uses 0: look-alike texture draws a localiser trained from scratch off the bird)")
     parser.add_argument("--overwrite", action="store_true", help="replace a root made with other options")
     parser.add_argument("--sheet", metavar="PNG", help="also write a contact sheet of one image per class")
     args = parser.parse_args(argv)
@@ -722,7 +736,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = SyntheticCubOptions(classes=args.classes, images_per_class=args.images_per_class, size=args.size,
                                   seed=args.seed, test_fraction=args.test_fraction,
                                   jpeg_quality=args.jpeg_quality, pattern_period=args.pattern_period,
-                                  bird_size=args.bird_size)
+                                  bird_size=args.bird_size, patterned_distractors=args.patterned_distractors)
     options.validate()
     state = "up to date:" if is_generated(args.out, options) else "wrote"
     with tqdm(total=options.classes * options.images_per_class, desc="synthetic-cub", unit="img",
@@ -734,6 +748,6 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{total - n_test} train / {n_test} test, {args.size}px) in {time.perf_counter() - start:.1f}s")
     if args.sheet:
         sheet = contact_sheet(args.sheet, args.classes, args.size, args.seed, pattern_period=args.pattern_period,
-                              bird_size=args.bird_size)
+                              bird_size=args.bird_size, patterned_distractors=args.patterned_distractors)
         print(f"synthetic-cub: contact sheet {sheet}")
     return 0

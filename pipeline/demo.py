@@ -39,7 +39,8 @@ def _run(cmd: List[str]) -> None:
     subprocess.run(cmd, check=True, env=_child_env(), cwd=REPO)
 
 
-def make_dataset(out: Path, classes: int, images_per_class: int, size: int, seed: int, bird_size: float) -> Path:
+def make_dataset(out: Path, classes: int, images_per_class: int, size: int, seed: int, bird_size: float,
+                 patterned_distractors: float) -> Path:
     from data_prep import cub, synthetic_cub
 
     raw = out / "raw"
@@ -47,7 +48,8 @@ def make_dataset(out: Path, classes: int, images_per_class: int, size: int, seed
     _stage(f"generating the synthetic fine-grained dataset ({classes} classes x {images_per_class} images, {size}px)")
     # demo_out/raw is the demo's own: a root drawn with other options is replaced; the same one is kept.
     synthetic_cub.generate(raw, classes=classes, images_per_class=images_per_class, size=size, seed=seed,
-                           test_fraction=0.3, bird_size=bird_size, overwrite=True)
+                           test_fraction=0.3, bird_size=bird_size, patterned_distractors=patterned_distractors,
+                           overwrite=True)
     manifest = shards / "manifest.json"
     if manifest.exists() and manifest.stat().st_mtime >= (raw / synthetic_cub.MANIFEST_NAME).stat().st_mtime:
         _stage(f"dataset already sharded at {shards}")
@@ -290,6 +292,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--bird-size", type=float, default=1.45,
                         help="bird scale of the generated data (1.45: bodies ~12-17%% of the image side)")
+    parser.add_argument("--patterned-distractors", type=float, default=0.0,
+                        help="chance that a clutter blob wears a bird's fine pattern (0: bird colours only; "
+                             "look-alike texture draws windows trained from scratch off the bird)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the generated data and the training runs")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--baseline", action="store_true", help="also train configs/demo_baseline.yaml")
@@ -299,7 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     shards = make_dataset(args.out, args.classes, args.images_per_class, args.size, args.seed,
-                          args.bird_size)
+                          args.bird_size, args.patterned_distractors)
     # --seed draws the data set and the training run's initialisation and order alike: a demo seed.
     overrides = [f"model.num_classes={args.classes}", f"train.seed={args.seed}", *args.overrides]
     run_dir = args.out / "run"

@@ -192,6 +192,7 @@ def test_class_counts_grow_as_squares():
     (["--test-fraction", "1.0"], "test_fraction=1.0"),
     (["--images-per-class", "0"], "images_per_class=0"),
     (["--bird-size", "3"], "bird_size=3.0"),
+    (["--patterned-distractors", "1.5"], "patterned_distractors=1.5"),
 ])
 def test_bad_options_fail_with_one_line(tmp_path: Path, capsys, argv, key):
     out = tmp_path / "root"
@@ -295,3 +296,21 @@ def test_bird_size_scales_the_bird_and_its_parts():
     crown, wing = 4, 8 if small.parts[8][2] else 12  # CUB part order: crown, then the visible wing
     span = [abs(s.parts[crown][0] - s.parts[wing][0]) for s in (small, large)]
     assert span[1] == pytest.approx(1.5 * span[0], rel=0.05)
+
+
+def test_patterned_distractors_change_the_clutter_not_the_bird(tmp_path: Path):
+    """--patterned-distractors draws the clutter only: same bird, box and parts; and a root made before
+    the option existed (no key in its manifest) counts as made with the default."""
+    cls = sc.bird_classes(1)[0]
+    plain, patterned = (sc.draw_bird_image(cls, 128, sc.image_rng(0, 3), patterned_distractors=p) for p in (0.0, 1.0))
+    assert plain.params["distractors"] > 0
+    assert plain.bbox == patterned.bbox and plain.parts == patterned.parts
+    assert (plain.image != patterned.image).any()
+
+    root = sc.generate(tmp_path / "root", classes=1, images_per_class=1, size=64)
+    manifest = json.loads((root / sc.MANIFEST_NAME).read_text())
+    del manifest["options"]["patterned_distractors"]
+    (root / sc.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert sc.is_generated(root, sc.SyntheticCubOptions(classes=1, images_per_class=1, size=64))
+    assert not sc.is_generated(root, sc.SyntheticCubOptions(classes=1, images_per_class=1, size=64,
+                                                            patterned_distractors=0.0))
