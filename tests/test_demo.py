@@ -86,7 +86,8 @@ def test_demo_recipe_moves_the_windows_off_their_start(tmp_path):
     from pipeline.train import main as train
 
     raw = synthetic_cub.generate(tmp_path / "raw", classes=3, images_per_class=24, size=128, seed=0,
-                                 test_fraction=0.25, bird_size=1.45)
+                                 test_fraction=0.25, bird_size=demo.BIRD_SIZE,
+                                 patterned_distractors=demo.PATTERNED_DISTRACTORS)
     cub.prepare(raw, tmp_path / "shards", shard_size=16)
     run = tmp_path / "run"
     assert train(["--config", str(demo.DEMO_CONFIG), f"data.root={tmp_path / 'shards'}", f"run.dir={run}",
