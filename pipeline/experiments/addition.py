@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .distorted import (CONFIGS, _cell, _choices, append_result, as_input, given_options, load_results, load_run,
                         make_preset)
@@ -229,10 +231,6 @@ def window_share_frontier(images: torch.Tensor, keeps: Sequence[float] = FRONTIE
     position) at every rotation in `angles`: the windows an affine transformer can take, but shear.
     A transformer that takes > 80 % of its output from one channel must drop whatever share of its
     digit this says."""
-    import math
-
-    import torch.nn.functional as F
-
     energy = images.float().div(255.0).pow(2)
     n, channels, size, _ = energy.shape
     pad = math.ceil(size * (math.sqrt(2) - 1) / 2)  # room for the canvas's corners at 45 degrees

@@ -21,7 +21,7 @@ from data_prep.transform_kinds import transform_kind
 
 from .registry import register_model
 from .localisation import MapLocalisation, TrunkLocalisation, create_timm, stage_of_stride
-from .spatial_transformer import SpatialTransformer, finite_difference_theta
+from .spatial_transformer import FD_DIRECTIONS, SpatialTransformer, finite_difference_theta
 
 
 class NxSTCNN(nn.Module):
@@ -45,8 +45,8 @@ class NxSTCNN(nn.Module):
             raise ValueError(f"fd_step={fd_step} must be > 0")
         if fd_objective not in ("loss", "margin"):
             raise ValueError(f"fd_objective={fd_objective!r} is not one of loss, margin")
-        if fd_directions not in ("random", "axes"):
-            raise ValueError(f"fd_directions={fd_directions!r} is not one of random, axes")
+        if fd_directions not in FD_DIRECTIONS:
+            raise ValueError(f"fd_directions={fd_directions!r} is not one of {', '.join(FD_DIRECTIONS)}")
         self.window_gradient, self.fd_step, self.fd_objective = window_gradient, float(fd_step), fd_objective
         self.fd_directions = fd_directions
         if stream_mode not in ("loop", "vmap"):

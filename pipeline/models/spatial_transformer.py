@@ -126,6 +126,9 @@ class _GradientFrom(torch.autograd.Function):
         return gradient, None
 
 
+FD_DIRECTIONS = ("random", "axes")  # how finite_difference_theta probes the loss around a window
+
+
 def finite_difference_theta(theta: torch.Tensor, losses_at, step: float, directions: str = "random") -> torch.Tensor:
     """`theta` whose backward pass carries a finite-difference slope of the loss, not the sampler's gradient.
 
@@ -141,8 +144,8 @@ def finite_difference_theta(theta: torch.Tensor, losses_at, step: float, directi
     the texture's phase and carries little sign of where the detail is, while the loss over a few
     pixels of window movement is smooth (`python -m pipeline.experiments window-gradient` measures both).
     """
-    if directions not in ("random", "axes"):
-        raise ValueError(f"finite-difference directions={directions!r} is not one of random, axes")
+    if directions not in FD_DIRECTIONS:
+        raise ValueError(f"finite-difference directions={directions!r} is not one of {', '.join(FD_DIRECTIONS)}")
     with torch.no_grad():
         flat = theta.detach().flatten(2)
         if directions == "random":

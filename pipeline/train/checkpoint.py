@@ -187,8 +187,12 @@ class CheckpointDir:
         self._rotate()
         return path if path.exists() else self.last  # keep=0 rotates the step file away at once
 
+    def step_files(self) -> List[Path]:
+        """The periodic step_*.pt files, oldest first (their zero-padded steps sort by name)."""
+        return sorted(self.root.glob("step_*.pt"))
+
     def _rotate(self) -> None:
-        periodic = sorted(self.root.glob("step_*.pt"))
+        periodic = self.step_files()
         for old in periodic[:max(0, len(periodic) - self.keep)]:
             old.unlink(missing_ok=True)
 
@@ -206,7 +210,7 @@ class CheckpointDir:
         except CheckpointError as err:
             if resume != "auto":
                 raise
-            for older in sorted(self.root.glob("step_*.pt"), reverse=True):
+            for older in reversed(self.step_files()):
                 if older.samefile(path):  # last.pt's own hard link: the same damaged bytes
                     continue
                 try:
@@ -226,7 +230,7 @@ class CheckpointDir:
         if resume == "auto":
             if self.last.is_file():
                 return self.last
-            steps = sorted(self.root.glob("step_*.pt"))
+            steps = self.step_files()
             return steps[-1] if steps else None
         path = Path(resume)
         if not path.is_file():
